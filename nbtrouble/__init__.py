@@ -1,0 +1,43 @@
+"""nbtrouble: make deep-learning bugs visible in a notebook.
+
+Public API (see the README): ``shapecheck``, ``overfit_batch``, ``biasvar``, ``troubleshoot``
+and ``Finding``. ``%load_ext nbtrouble`` registers the magics.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from nbtrouble.findings import Finding, NbTroubleError
+
+# Public name -> module that defines it; imported on first use so that `import nbtrouble`
+# stays cheap and never needs IPython.
+_LAZY = {
+    "shapecheck": "nbtrouble.shapes",
+    "Trace": "nbtrouble.shapes",
+    "OpRecord": "nbtrouble.shapes",
+    "Failure": "nbtrouble.shapes",
+    "overfit_batch": "nbtrouble.overfit",
+    "OverfitReport": "nbtrouble.overfit",
+    "biasvar": "nbtrouble.biasvar",
+    "BiasVariance": "nbtrouble.biasvar",
+    "error_analysis": "nbtrouble.biasvar",
+    "learning_curve": "nbtrouble.biasvar",
+    "troubleshoot": "nbtrouble.troubleshoot",
+}
+
+__all__ = ["Finding", "NbTroubleError", "load_ipython_extension", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nbtrouble' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register nbtrouble's magics; imported lazily so scripts never need IPython."""
+    from nbtrouble._magics import register
+
+    register(ipython)
