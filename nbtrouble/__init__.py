@@ -20,14 +20,17 @@ _LAZY = {
     "Failure": "nbtrouble.shapes",
     "overfit_batch": "nbtrouble.overfit",
     "OverfitReport": "nbtrouble.overfit",
-    "biasvar": "nbtrouble.biasvar",
     "BiasVariance": "nbtrouble.biasvar",
     "error_analysis": "nbtrouble.biasvar",
     "learning_curve": "nbtrouble.biasvar",
-    "troubleshoot": "nbtrouble.troubleshoot",
 }
 
-__all__ = ["Finding", "NbTroubleError", "load_ipython_extension", *_LAZY]
+# These two share their name with the module that defines them: importing the module would
+# rebind the package attribute to the module, so bind the functions eagerly, after the import.
+from nbtrouble.biasvar import biasvar  # noqa: E402
+from nbtrouble.troubleshoot import troubleshoot  # noqa: E402
+
+__all__ = ["Finding", "NbTroubleError", "biasvar", "troubleshoot", "load_ipython_extension", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
