@@ -93,6 +93,17 @@ _RESHAPES = frozenset("view reshape view_as reshape_as unflatten".split())
 _TRANSPOSES = frozenset("T mT t transpose permute movedim moveaxis swapaxes swapdims".split())
 
 _KNOWN = _ELEMENTWISE | _UNARY | _REDUCTIONS | _UNSQUEEZES | _RESHAPES | _TRANSPOSES
+# Ops that can start something to follow: a candidate, a loss mismatch or a size-1 axis made on
+# purpose. Any other op matters only while a candidate's result or such an axis is alive.
+_STARTERS = (
+    _ELEMENTWISE
+    | _PAIR_LOSSES
+    | _UNSQUEEZES
+    | _RESHAPES
+    | _TRANSPOSES
+    | frozenset(_BINARY_SELECTIONS)
+    | {"getitem"}
+)
 
 _MAX_PER_LOCATION = 8  # a loop runs the same line many times: a few instances decide it
 _MAX_NAME_CHARS = 30
@@ -164,6 +175,16 @@ class BroadcastAnalyzer:
         self._explicit = WeakIdKeyDictionary()
         # How each mutual broadcast was judged when it ran, for measuring the check itself.
         self.judged: Counter[str] = Counter()
+
+    @classmethod
+    def wants(cls, name: str) -> bool:
+        """Whether an op called ``name`` matters even while nothing is being followed."""
+        return _base_name(name) in _STARTERS
+
+    @property
+    def following(self) -> bool:
+        """True while a candidate's result or a size-1 axis made on purpose is alive."""
+        return bool(self._flows.data) or bool(self._explicit.data)
 
     def on_op(self, event: OpEvent) -> None:
         """Look at one recorded op: follow earlier candidates, then judge this one."""

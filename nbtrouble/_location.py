@@ -72,8 +72,17 @@ INTERNAL = 1
 HOUSEKEEPING = 2  # internal, and building / converting modules rather than running them
 
 _file_internal: dict[str, bool] = {}
-_code_kind: dict[CodeType, int] = {}
-_location_text: dict[tuple[CodeType, int], str] = {}
+# The caches below are keyed by ``id(code)``: hashing a code object hashes its constants every
+# time (microseconds for a big function), and these lookups run for every frame of every op.
+# Every code object cached is kept here, so that its id stays its own.
+_kept_codes: dict[int, CodeType] = {}
+known_code_kinds: dict[int, int] = {}  # code_kind's cache by id(code), read by the tracer
+_location_text: dict[tuple[int, int], str] = {}
+
+
+def _keep(code: CodeType) -> int:
+    _kept_codes[id(code)] = code
+    return id(code)
 
 
 def _machinery_package(filename: str) -> bool:
@@ -119,14 +128,14 @@ def is_user_file(filename: str) -> bool:
     return not any(marker in filename for marker in _SITE_MARKERS)
 
 
-_user_code: dict[CodeType, bool] = {}
+_user_code: dict[int, bool] = {}
 
 
 def is_user_code(code: CodeType) -> bool:
     """``is_user_file`` of a code object's file (cached per code object)."""
-    known = _user_code.get(code)
+    known = _user_code.get(id(code))
     if known is None:
-        known = _user_code[code] = is_user_file(code.co_filename)
+        known = _user_code[_keep(code)] = is_user_file(code.co_filename)
     return known
 
 
@@ -137,7 +146,7 @@ _HANDLER_NAMES = frozenset({"__torch_function__", "__torch_dispatch__"})
 
 def code_kind(code: CodeType) -> int:
     """``USER``, ``INTERNAL`` or ``HOUSEKEEPING`` for a code object (cached)."""
-    kind = _code_kind.get(code)
+    kind = known_code_kinds.get(id(code))
     if kind is None:
         filename = code.co_filename
         if code.co_name in _HANDLER_NAMES:
@@ -152,23 +161,36 @@ def code_kind(code: CodeType) -> int:
             kind = HOUSEKEEPING
         else:
             kind = INTERNAL
-        _code_kind[code] = kind
+        known_code_kinds[_keep(code)] = kind
     return kind
 
 
 def location_text(code: CodeType, lineno: int) -> str:
     """``"file:line"`` for a code object and line (cached)."""
-    key = (code, lineno)
+    key = (id(code), lineno)
     text = _location_text.get(key)
     if text is None:
-        text = f"{code.co_filename}:{lineno}"
-        _location_text[key] = text
+        _keep(code)
+        text = _location_text[key] = f"{code.co_filename}:{lineno}"
     return text
 
 
 def source_line(filename: str, lineno: int) -> str:
     """The stripped text of a line, or ``""`` when the source is not available."""
     return linecache.getline(filename, lineno).strip()
+
+
+_code_lines: dict[tuple[int, int], str] = {}
+
+
+def code_line(code: CodeType, lineno: int) -> str:
+    """``source_line`` of a line of a code object (cached; a reloaded file has new code)."""
+    key = (id(code), lineno)
+    text = _code_lines.get(key)
+    if text is None:
+        _keep(code)
+        text = _code_lines[key] = source_line(code.co_filename, lineno)
+    return text
 
 
 def user_location(frame: FrameType | None) -> tuple[str | None, str, FrameType | None]:

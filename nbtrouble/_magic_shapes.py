@@ -59,7 +59,7 @@ class ShapeMagics(Magics):
         from nbtrouble.findings import alarms
         from nbtrouble.shapes import shapecheck
 
-        args = _parse(self.shapecheck, line)
+        args = parse(self.shapecheck, line)
         with shapecheck(meta=args.meta) as trace:
             result = self.shell.run_cell(cell)
         if result.error_before_exec is not None:  # a syntax error: IPython said so, nothing ran
@@ -85,7 +85,7 @@ class ShapeMagics(Magics):
         Like ``%debug``, but on your own code rather than inside torch; ``up`` goes to the
         cell. The operands are ``nbt_operands``, the failure record ``nbt_failure``.
         """
-        args = _parse(self.shapecheck_debug, line)
+        args = parse(self.shapecheck_debug, line)
         if args.trace == TRACE_NAME and TRACE_NAME not in self.shell.user_ns:
             raise UsageError("%shapecheck_debug: no trace yet; run a cell with %%shapecheck first")
         from nbtrouble.shapes import Trace
@@ -101,12 +101,3 @@ class ShapeMagics(Magics):
         from nbtrouble._debugger import post_mortem
 
         post_mortem(trace, self.shell)
-
-
-def _parse(magic_func: Any, line: str) -> Any:
-    """``parse``, with the usage line added to the ``UsageError`` of a bad option."""
-    try:
-        return parse(magic_func, line)
-    except UsageError as e:
-        usage = magic_func.parser.format_usage().removeprefix("::").strip()  # reST in the help
-        raise UsageError(f"{e}\nusage: {usage}") from None

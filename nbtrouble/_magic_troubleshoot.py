@@ -27,15 +27,27 @@ class TroubleshootMagics(Magics):
     @argument("--train", default=None, help="training data loader")
     @argument("--val", default=None, help="validation data loader")
     @argument("--test", default=None, help="test data loader")
-    @argument("--test-val", dest="test_val", default=None, help="validation loader from the test distribution")
+    @argument(
+        "--test-val",
+        dest="test_val",
+        default=None,
+        help="validation loader from the test distribution",
+    )
     @argument("--irreducible", type=float, default=None, help="irreducible (human-level) error")
     @argument("--known", action="append", default=[], metavar="NAME=ERROR", help="a known result")
     @argument("--tune", default=None, help="tune(lr) -> validation error, for the tuning step")
     @argument("--steps", type=int, default=200, help="steps of the single-batch overfitting run")
     @argument("--lr", type=float, default=3e-4, help="learning rate of that run")
     @argument("--check", action="store_true", help="run the current step's check")
-    @argument("--next", dest="goto", nargs="?", const="", default=None, metavar="STEP",
-              help=f"move to STEP (one of {', '.join(STEP_KEYS)}) or to the suggested step")
+    @argument(
+        "--next",
+        dest="goto",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="STEP",
+        help=f"move to STEP (one of {', '.join(STEP_KEYS)}) or to the suggested step",
+    )
     @argument("--export", default=None, metavar="PATH", help="write the log as Markdown to PATH")
     @line_magic
     def troubleshoot(self, line: str) -> Any:
@@ -56,8 +68,11 @@ class TroubleshootMagics(Magics):
         return self._act(args, self.session)
 
     def _data(self, args: Any) -> dict[str, Any]:
-        return {name: resolve(self.shell, getattr(args, name), f"--{name.replace('_', '-')}")
-                for name in _DATA_OPTIONS if getattr(args, name) is not None}
+        return {
+            name: resolve(self.shell, getattr(args, name), f"--{name.replace('_', '-')}")
+            for name in _DATA_OPTIONS
+            if getattr(args, name) is not None
+        }
 
     def _update(self, args: Any, session: Session) -> None:
         """Options without a model swap new objects into the current session (e.g. more data)."""
@@ -69,13 +84,20 @@ class TroubleshootMagics(Magics):
 
     def _start(self, args: Any) -> Session:
         if args.batch is None:
-            raise UsageError("%troubleshoot: give a batch after the model: %troubleshoot model batch")
+            raise UsageError(
+                "%troubleshoot: give a batch after the model: %troubleshoot model batch"
+            )
         data = self._data(args)
         try:
             return troubleshoot(
-                resolve(self.shell, args.model, "model"), resolve(self.shell, args.batch, "batch"),
-                loss_fn=data.pop("loss", None), known=self._known(args.known),
-                irreducible=args.irreducible, steps=args.steps, lr=args.lr, **data,
+                resolve(self.shell, args.model, "model"),
+                resolve(self.shell, args.batch, "batch"),
+                loss_fn=data.pop("loss", None),
+                known=self._known(args.known),
+                irreducible=args.irreducible,
+                steps=args.steps,
+                lr=args.lr,
+                **data,
             )
         except (TypeError, ValueError) as e:
             raise UsageError(f"%troubleshoot: {e}") from None
@@ -93,14 +115,17 @@ class TroubleshootMagics(Magics):
         return known
 
     def _act(self, args: Any, session: Session) -> Any:
+        """Move, check, export, in that order; return what the user asked to see."""
+        outcome = None
         try:
             if args.goto is not None:
                 session.advance(args.goto or None)
             if args.check:
-                return session.check()
+                outcome = session.check()
         except ValueError as e:  # unknown step, or data the check needs but was not given
             raise UsageError(f"%troubleshoot: {e}") from None
         if args.export is not None:
             print(f"wrote {session.export(args.export)}")
-            return None
-        return session
+        if args.check:
+            return outcome
+        return None if args.export is not None else session

@@ -14,11 +14,18 @@ from IPython.core.magic_arguments import parse_argstring
 
 
 def parse(magic_func: Any, line: str) -> Any:
-    """``parse_argstring`` that also turns an unbalanced quote into a ``UsageError``."""
+    """``parse_argstring`` whose ``UsageError`` ends with the usage line.
+
+    An unbalanced quote (a ``ValueError`` from shlex) becomes a ``UsageError`` too.
+    """
     try:
         return parse_argstring(magic_func, line)
     except ValueError as e:  # shlex: "No closing quotation"
-        raise UsageError(f"{magic_func.__name__}: could not parse {line!r}: {e}") from None
+        message = f"{magic_func.__name__}: could not parse {line!r}: {e}"
+    except UsageError as e:
+        message = str(e)
+    usage = magic_func.parser.format_usage().removeprefix("::").strip()  # reST in the help
+    raise UsageError(f"{message}\nusage: {usage}") from None
 
 
 def resolve(shell: Any, expression: str, what: str) -> Any:
@@ -28,7 +35,9 @@ def resolve(shell: Any, expression: str, what: str) -> Any:
     except NameError as e:
         raise UsageError(f"{what}: {e}") from None
     except Exception as e:  # any failure of the user's expression is a usage problem here
-        raise UsageError(f"{what}: could not evaluate {expression!r}: {type(e).__name__}: {e}") from None
+        raise UsageError(
+            f"{what}: could not evaluate {expression!r}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def split_words(line: str) -> list[str]:

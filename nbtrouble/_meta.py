@@ -30,7 +30,7 @@ class MetaConverter:
         # entry from one whose id was reused; no real tensor is kept alive.
         self._stand_ins: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 
-    def __enter__(self) -> MetaConverter:
+    def __enter__(self) -> MetaConverter:  # noqa: PYI034 - never subclassed
         self._device_context = torch.device("meta")
         self._device_context.__enter__()
         return self
@@ -60,9 +60,9 @@ class MetaConverter:
 
     def _needs(self, value: Any) -> bool:
         if isinstance(value, torch.Tensor):
-            return value.device.type != "meta"
+            return _convertible(value)
         if isinstance(value, (list, tuple)):
-            return any(isinstance(v, torch.Tensor) and v.device.type != "meta" for v in value)
+            return any(isinstance(v, torch.Tensor) and _convertible(v) for v in value)
         return False
 
     def _value(self, value: Any) -> Any:
@@ -74,8 +74,8 @@ class MetaConverter:
         return value
 
     def stand_in(self, real: torch.Tensor) -> torch.Tensor:
-        """The meta tensor standing in for ``real`` (itself when already on meta)."""
-        if real.device.type == "meta":
+        """The meta tensor standing in for ``real`` (itself when on meta or nested)."""
+        if not _convertible(real):
             return real
         key = id(real)
         entry = self._stand_ins.get(key)
@@ -94,6 +94,11 @@ class MetaConverter:
                 del stand_ins[key]
 
         return forget
+
+
+def _convertible(tensor: torch.Tensor) -> bool:
+    """A real tensor with one shape: a nested tensor has no meta form and stays as it is."""
+    return tensor.device.type != "meta" and not tensor.is_nested
 
 
 def _meta_like(real: torch.Tensor) -> torch.Tensor:

@@ -25,26 +25,143 @@ from nbtrouble.findings import Finding
 
 _BATCH = 64  # sums gathered before one read on an accelerator
 _ACTIVATIONS = frozenset(
-    """relu relu_ relu6 gelu silu mish sigmoid tanh elu selu celu leaky_relu softplus softsign
-    hardtanh hardswish hardsigmoid prelu glu logsigmoid softmax log_softmax""".split()
+    [
+        "relu",
+        "relu_",
+        "relu6",
+        "gelu",
+        "silu",
+        "mish",
+        "sigmoid",
+        "tanh",
+        "elu",
+        "selu",
+        "celu",
+        "leaky_relu",
+        "softplus",
+        "softsign",
+        "hardtanh",
+        "hardswish",
+        "hardsigmoid",
+        "prelu",
+        "glu",
+        "logsigmoid",
+        "softmax",
+        "log_softmax",
+    ]
 )
 # Ops whose output is finite whenever their inputs are (selection, layout, bounded maps,
 # normalisation with an epsilon). Arithmetic that can overflow, divide or take logs is absent.
 _CANNOT_MAKE_NONFINITE = frozenset(
-    """relu relu_ relu6 hardtanh hardtanh_ sigmoid tanh leaky_relu leaky_relu_ gelu silu
-    mish hardswish hardsigmoid elu selu celu max_pool1d max_pool2d max_pool3d
-    adaptive_max_pool1d adaptive_max_pool2d max_pool1d_with_indices max_pool2d_with_indices
-    dropout dropout_ dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
-    flatten unflatten view view_as reshape reshape_as permute transpose t T contiguous
-    squeeze unsqueeze expand expand_as __getitem__ chunk split unbind narrow select
-    clone detach clamp clamp_ clip abs neg __neg__ sign maximum minimum max min amax amin
-    argmax argmin sort topk gather index_select flip roll repeat tile cat concat
-    concatenate stack hstack vstack batch_norm layer_norm group_norm instance_norm rms_norm
-    embedding one_hot zeros_like ones_like empty_like randn_like rand_like""".split()
+    [
+        "relu",
+        "relu_",
+        "relu6",
+        "hardtanh",
+        "hardtanh_",
+        "sigmoid",
+        "tanh",
+        "leaky_relu",
+        "leaky_relu_",
+        "gelu",
+        "silu",
+        "mish",
+        "hardswish",
+        "hardsigmoid",
+        "elu",
+        "selu",
+        "celu",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "max_pool1d_with_indices",
+        "max_pool2d_with_indices",
+        "dropout",
+        "dropout_",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "flatten",
+        "unflatten",
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "permute",
+        "transpose",
+        "t",
+        "T",
+        "contiguous",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "expand_as",
+        "__getitem__",
+        "chunk",
+        "split",
+        "unbind",
+        "narrow",
+        "select",
+        "clone",
+        "detach",
+        "clamp",
+        "clamp_",
+        "clip",
+        "abs",
+        "neg",
+        "__neg__",
+        "sign",
+        "maximum",
+        "minimum",
+        "max",
+        "min",
+        "amax",
+        "amin",
+        "argmax",
+        "argmin",
+        "sort",
+        "topk",
+        "gather",
+        "index_select",
+        "flip",
+        "roll",
+        "repeat",
+        "tile",
+        "cat",
+        "concat",
+        "concatenate",
+        "stack",
+        "hstack",
+        "vstack",
+        "batch_norm",
+        "layer_norm",
+        "group_norm",
+        "instance_norm",
+        "rms_norm",
+        "embedding",
+        "one_hot",
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "randn_like",
+        "rand_like",
+    ]
 )
 _LOSS_NAMES = frozenset(
-    """cross_entropy nll_loss binary_cross_entropy binary_cross_entropy_with_logits kl_div
-    poisson_nll_loss gaussian_nll_loss ctc_loss""".split()
+    [
+        "cross_entropy",
+        "nll_loss",
+        "binary_cross_entropy",
+        "binary_cross_entropy_with_logits",
+        "kl_div",
+        "poisson_nll_loss",
+        "gaussian_nll_loss",
+        "ctc_loss",
+    ]
 )
 
 
@@ -88,6 +205,16 @@ class NonfiniteAnalyzer:
         self._tainted: dict[int, tuple[weakref.ref[torch.Tensor], _Origin]] = {}
         self._pending: list[_Pending] = []
 
+    @classmethod
+    def wants(cls, name: str) -> bool:
+        """Whether an op called ``name`` can turn finite inputs into a NaN or an Inf."""
+        return name.rsplit(".", 1)[-1] not in _CANNOT_MAKE_NONFINITE
+
+    @property
+    def following(self) -> bool:
+        """True while a non-finite value is alive (or unread): every op may carry it on."""
+        return bool(self._tainted) or bool(self._pending)
+
     def on_op(self, event: OpEvent) -> None:
         """Look at one recorded op: sum its floating-point outputs, lazily on accelerators."""
         if self._nan_reported and self._inf_reported:
@@ -102,23 +229,34 @@ class NonfiniteAnalyzer:
         outputs = [t for t in _outputs(event) if _checkable(t)]
         if not outputs:
             return
-        with torch.no_grad():
-            sums = [_sum(t) for t in outputs]
-        self._pending.append(
-            _Pending(
-                sums=sums,
-                outputs=[weakref.ref(t) for t in outputs],
-                input_ids=_input_ids(event) if self._tainted or self._pending else [],
-                event_name=event.name,
-                short=short,
-                location=event.location,
-                module=event.module,
-                source_line=event.source_line,
-                explicit_infinity=_has_explicit_infinity(event),
-            )
-        )
-        if outputs[0].device.type == "cpu" or len(self._pending) >= _BATCH:
+        sums = [_sum(t) for t in outputs]
+        if outputs[0].is_cpu:
+            # Reading a CPU sum costs no device sync: judge now, and describe the op only
+            # when something is wrong.
+            if self._pending:
+                self._resolve()
+            values = [s.item() for s in sums]
+            if not all(map(math.isfinite, values)):
+                self._judge_values(self._pending_from(event, short, outputs, []), values)
+            return
+        self._pending.append(self._pending_from(event, short, outputs, sums))
+        if len(self._pending) >= _BATCH:
             self._resolve()
+
+    def _pending_from(
+        self, event: OpEvent, short: str, outputs: list[torch.Tensor], sums: list[torch.Tensor]
+    ) -> _Pending:
+        return _Pending(
+            sums=sums,
+            outputs=[weakref.ref(t) for t in outputs],
+            input_ids=_input_ids(event),
+            event_name=event.name,
+            short=short,
+            location=event.location,
+            module=event.module,
+            source_line=event.source_line,
+            explicit_infinity=_has_explicit_infinity(event),
+        )
 
     def _carry(self, event: OpEvent) -> None:
         self._resolve()
@@ -172,11 +310,15 @@ class NonfiniteAnalyzer:
         )
         at = 0
         for p in pending:
-            sums = values[at : at + len(p.sums)]
+            self._judge_values(p, values[at : at + len(p.sums)])
             at += len(p.sums)
-            for ref, value in zip(p.outputs, sums):
-                if not math.isfinite(value):
-                    self._judge(p, ref, "NaN" if math.isnan(value) else "Inf")
+
+    def _judge_values(self, p: _Pending, values: list[float]) -> None:
+        for ref, value in zip(p.outputs, values):
+            if not math.isfinite(value):
+                what = _nonfinite_kind(ref(), value)
+                if what is not None:
+                    self._judge(p, ref, what)
 
     def _judge(self, p: _Pending, ref: weakref.ref[torch.Tensor], what: str) -> None:
         input_origins = self._input_origins(p.input_ids)
@@ -313,18 +455,36 @@ def _input_ids(event: OpEvent) -> list[int]:
 def _checkable(t: torch.Tensor) -> bool:
     return (
         t.is_floating_point()
-        and t.device.type != "meta"
-        and t.numel() > 0
-        and t.layout == torch.strided
+        and not t.is_meta
         and not t.is_nested
+        and t.layout == torch.strided
+        and t.numel() > 0
     )
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype in (torch.float16, torch.bfloat16):
         return t.sum(dtype=torch.float32)
     return t.sum()
+
+
+def _nonfinite_kind(tensor: torch.Tensor | None, total: float) -> str | None:
+    """What a tensor whose sum was ``total`` holds: ``"NaN"``, ``"Inf"``, or None (all finite).
+
+    A non-finite sum is only a hint: finite values near the float range's ends (masks made with
+    ``torch.finfo(dtype).min``) overflow when added up, and ``inf - inf`` sums to NaN. The
+    tensor itself decides; when it is gone already (read late on an accelerator), the sum does.
+    """
+    if tensor is None:
+        return "NaN" if math.isnan(total) else "Inf"
+    values = tensor.detach()
+    if values.isnan().any():
+        return "NaN"
+    if values.isinf().any():
+        return "Inf"
+    return None
 
 
 def _has_explicit_infinity(event: OpEvent) -> bool:

@@ -1,20 +1,27 @@
-"""Checks that run before the first training step of ``overfit_batch``.
+"""Checks that run before the first training step of ``overfit_batch``, and probes of the model.
 
 Each check looks at the batch, the model or the first forward / backward pass and returns
 ``Finding`` objects whose messages carry the numbers that were seen. None of them changes
-the model: the dead-unit hooks are removed in a ``finally``.
+the model: the dead-unit hooks are removed in a ``finally``. ``loss_spread`` measures the loss
+repeatedly at fixed weights (for the diagnosis after the run) and puts back the random
+generators, ``training`` flags and buffers it touched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from nbtrouble._snapshot import _RngState
 from nbtrouble.findings import Finding
 
 # Loss kinds overfit_batch can reason about, by module class and by function.
@@ -47,6 +54,16 @@ _LARGE_SCALE = 10.0  # |mean| or std of an input tensor
 _FEATURE_SCALE_RATIO = 1e3  # largest / smallest per-feature std
 _DEAD_FRACTION = 0.5  # share of a layer's units that never fire on the batch
 _MIN_SAMPLES_FOR_DEAD = 4  # with fewer samples a unit is silent by chance too often
+# A module whose output RMS exceeds this, and this many times its input's, blows activations up.
+_BLOWUP_RMS = 1e3
+_BLOWUP_GAIN = 100.0
+# Margins (in logits) on the target class of the perfect predictions a loss is tried on: a loss
+# with label smoothing is lowest at a moderate margin, so several are tried.
+_PERFECT_MARGINS = (32.0, 16.0, 8.0, 4.0, 2.0, 1.0)
+# A perfect prediction must score above the current output by this share to be an error.
+_SIGN_TOLERANCE = 1e-3
+# Logits leaning this far towards the target class must lower any sane classification loss.
+_LEAN = 0.1
 # Modules whose behaviour differs between train and eval mode.
 _TRAIN_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
@@ -351,24 +368,284 @@ def _class_targets(output: torch.Tensor, target: torch.Tensor) -> list[Finding]:
     return []
 
 
-def check_gradients(model: nn.Module) -> list[Finding]:
-    """Trainable parameters whose ``.grad`` is still ``None`` after one backward pass."""
+def check_gradients(model: nn.Module, called: set[str] | None = None) -> list[Finding]:
+    """Trainable parameters whose ``.grad`` is still ``None`` after one backward pass.
+
+    ``called`` names the modules the forward pass ran (see ``CallWatch``): a parameter of a
+    module that never ran is a layer kept for another use (a head used only at inference), worth
+    knowing; one of a module that ran was cut off from the loss, most likely a bug.
+    """
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if not names:
         return []
     total = sum(1 for p in model.parameters() if p.requires_grad)
+    unused = [n for n in names if called is not None and n.rpartition(".")[0] not in called]
+    cut_off = [n for n in names if n not in unused]
+    found = []
+    if cut_off:
+        found.append(
+            _no_gradient(
+                cut_off,
+                total,
+                "warning" if len(names) < total else "error",
+                "get no gradient after one backward pass although their modules ran",
+                "They are cut off from the loss: a .detach() / .data / .item(), or a "
+                "torch.no_grad() block in forward.",
+            )
+        )
+    if unused:
+        found.append(
+            _no_gradient(
+                unused,
+                total,
+                "info",
+                "belong to modules the forward pass never called",
+                "Fine for a layer used only at inference or by another task; otherwise call it "
+                "in forward (or drop it, so the optimizer does not carry it).",
+            )
+        )
+    return found
+
+
+def _no_gradient(names: list[str], total: int, severity: str, what: str, hint: str) -> Finding:
     shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return Finding(
+        "no_gradient",
+        severity,
+        f"{len(names)} of {total} trainable parameter tensors {what}: {shown}",
+        hint,
+        where=names[0].rpartition(".")[0] or None,
+    )
+
+
+@contextmanager
+def _hooked(registrations: Iterable[Any]) -> Iterator[None]:
+    """Keep the hooks that ``registrations`` registers for the block, then remove every one."""
+    handles: list[Any] = []
+    try:
+        handles.extend(registrations)  # one by one, so a failing registration leaves none behind
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class CallWatch:
+    """Which modules the forward passes it watches run, and the first that blows its input up.
+
+    ``blowup`` is ``(path, module type, input RMS, output RMS)`` for the first module to finish
+    whose output is far larger than its input (a recurrent weight with a spectral radius above
+    one, a missing normalization), or ``None``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.called: set[str] = set()
+        self.blowup: tuple[str, str, float, float] | None = None
+
+    @contextmanager
+    def watching(self) -> Iterator[CallWatch]:
+        modules = self.model.named_modules()
+        with _hooked((m.register_forward_hook(self._hook(p)) for p, m in modules)):
+            yield self
+
+    def _hook(self, path: str) -> Any:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            self.called.add(path)
+            if self.blowup is None:
+                size_in, size_out = _rms(args), _rms(output)
+                if size_out > _BLOWUP_RMS and size_out > _BLOWUP_GAIN * max(size_in, 1e-3):
+                    self.blowup = (path, type(module).__name__, size_in, size_out)
+
+        return record
+
+
+def _rms(value: Any) -> float:
+    """Root mean square of the first float tensor in ``value`` (1.0 for token ids and the like)."""
+    if isinstance(value, (tuple, list)):
+        value = next((v for v in value if isinstance(v, torch.Tensor)), None)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not value.numel():
+        return 1.0
+    size = float(value.detach().float().pow(2).mean().sqrt())
+    return size if math.isfinite(size) else 0.0
+
+
+def loss_floor(kind: str | None, loss_fn: Any, output: Any, target: Any) -> tuple[float, str]:
+    """The lowest value ``loss_fn`` can reach on these targets, and why it is above zero.
+
+    Label smoothing and soft (probability) targets give cross-entropy losses a floor above
+    zero: the entropy of the targets. It is measured by feeding the loss the best possible
+    output for these targets, so the loss's own options (weights, reduction, smoothing) count.
+    """
+    if kind not in ("cross_entropy", "bce_with_logits", "bce"):
+        return 0.0, ""
+    if not isinstance(output, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return 0.0, ""
+    smoothing = float(getattr(loss_fn, "label_smoothing", 0.0))
+    soft = target.is_floating_point() and bool(((target > 0) & (target < 1)).any())
+    if not smoothing and not soft:
+        return 0.0, ""
+    try:
+        with torch.no_grad():
+            best = _best_output(kind, output.detach(), target.detach(), smoothing)
+            floor = float(loss_fn(best, target))
+    except (RuntimeError, ValueError, IndexError, TypeError):  # a loss that rejects it: no floor
+        return 0.0, ""
+    why = f"label smoothing {smoothing:g}" if smoothing else "soft targets (not 0 / 1)"
+    return (floor, why) if floor > 0 and torch.isfinite(torch.tensor(floor)) else (0.0, "")
+
+
+def _best_output(kind: str, output: torch.Tensor, target: torch.Tensor, smoothing: float) -> Any:
+    """The output that minimizes the loss: the targets themselves, as logits where needed."""
+    if kind == "bce":
+        return target.to(output.dtype)
+    if kind == "bce_with_logits":
+        return torch.logit(target.to(output.dtype), eps=1e-6)
+    if target.is_floating_point():  # class probabilities
+        probabilities = target.to(output.dtype)
+    else:
+        classes = output.shape[1] if output.ndim >= 2 else output.shape[0]
+        hot = F.one_hot(target.clamp(min=0), classes).to(output.dtype)
+        hot = hot.movedim(-1, 1) if output.ndim >= 2 else hot
+        probabilities = (1 - smoothing) * hot + smoothing / classes
+    # log(0) is -inf; a large finite logit gives the same softmax without NaN from 0 * inf.
+    return probabilities.log().clamp(min=-1e4)
+
+
+def check_loss_sign(loss_fn: Any, output: Any, target: Any, current: float) -> list[Finding]:
+    """A loss that rewards wrong predictions, whatever its type.
+
+    Predictions are built in the output's shape and dtype. For float targets of the output's
+    shape, perfect predictions (the targets themselves, and for targets in [0, 1] their logits
+    and logs) against the model's current output: the lowest of them is compared. For class
+    indices, logits leaning slightly towards the target class against logits with no
+    preference decide: every sane classification loss falls along that direction, label
+    smoothing or not, however trained the model already is (a loss with a floor above zero is
+    lowest at a moderate margin, which a few confident predictions could miss); the message
+    then quotes confident predictions against the current output when they also score higher.
+    Outputs or targets that cannot be built this way are skipped.
+    """
+    if not isinstance(output, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return []
+    if not output.is_floating_point() or not math.isfinite(current):
+        return []
+    output, target = output.detach(), target.detach()
+    hot = _one_hot_logits(output, target)
+    leaning = _leaning_right_costs(loss_fn, hot, target) if hot is not None else None
+    if hot is not None and leaning is None:
+        return []
+    evidence = _perfect_scores_higher(loss_fn, output, target, current) or leaning
+    if evidence is None:
+        return []
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
     return [
         Finding(
-            "no_gradient",
-            "warning" if len(names) < total else "error",
-            f"{len(names)} of {total} trainable parameter tensors get no gradient after one "
-            f"backward pass: {shown}",
-            "They are cut off from the loss: an unused layer, a .detach() / .data / .item(), "
-            "or a torch.no_grad() block in forward.",
-            where=names[0].rpartition(".")[0] or None,
+            "loss_increases",
+            "error",
+            f"the loss ({name}) rewards wrong predictions: it gives {evidence}, so minimizing it "
+            "makes the predictions worse",
+            "Look for a flipped sign: minimizing -loss, a log-likelihood or a reward used as a "
+            "loss (negate it), or a sign error in a hand-written loss.",
         )
     ]
+
+
+def _higher(value: float, than: float) -> bool:
+    # Below a thousandth of the loss (or of 1e-3), a difference is rounding.
+    return value > than + _SIGN_TOLERANCE * max(abs(value), abs(than), 1e-3)
+
+
+def _perfect_scores_higher(
+    loss_fn: Any, output: torch.Tensor, target: torch.Tensor, current: float
+) -> str | None:
+    scored = _score_predictions(loss_fn, _perfect_predictions(output, target), target)
+    if not scored or not _higher(min(value for value, _ in scored), current):
+        return None
+    value, described = scored[0]
+    return (
+        f"{value + 0.0:.4g} for a perfect prediction ({described}) and {current:.4g} for the "
+        "model's current output"
+    )
+
+
+def _leaning_right_costs(loss_fn: Any, hot: torch.Tensor, target: torch.Tensor) -> str | None:
+    leaning = f"logits {_LEAN:g} higher on the target class than on the others"
+    flat = "logits with no preference"
+    scored = _score_predictions(loss_fn, [(leaning, _LEAN * hot), (flat, 0 * hot)], target)
+    if len(scored) < 2 or not _higher(scored[0][0], scored[1][0]):
+        return None
+    return f"{scored[0][0]:.4g} for {leaning} and {scored[1][0]:.4g} for {flat}"
+
+
+def _score_predictions(
+    loss_fn: Any, predictions: list[tuple[str, torch.Tensor]], target: torch.Tensor
+) -> list[tuple[float, str]]:
+    """The loss of each prediction it accepts, leaving the random generators as they were."""
+    scored = []
+    rng = _RngState.capture()  # a random loss must not change the run that follows
+    try:
+        with torch.no_grad():
+            for described, prediction in predictions:
+                try:
+                    value = float(loss_fn(prediction, target))
+                except (RuntimeError, ValueError, IndexError, TypeError):  # rejects this one
+                    continue
+                if math.isfinite(value):
+                    scored.append((value, described))
+    finally:
+        rng.restore()
+    return scored
+
+
+def _perfect_predictions(
+    output: torch.Tensor, target: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    """Outputs no sane loss can score worse than the model's, most confident first."""
+    target = target.detach()
+    if target.is_floating_point():
+        if target.shape != output.shape:
+            return []
+        found = [("the targets themselves", target.to(output.dtype))]
+        if bool(((target >= 0) & (target <= 1)).all()):
+            # Probabilities as targets: a loss may read the output as logits or log-probabilities.
+            logits = torch.logit(target.double(), eps=1e-12).to(output.dtype)
+            found.append(("the targets as logits", logits))
+            log_probabilities = target.log().clamp(min=-1e4).to(output.dtype)
+            found.append(("the targets as log-probabilities", log_probabilities))
+        return found
+    hot = _one_hot_logits(output, target)
+    if hot is None:
+        return []
+    return [
+        (f"logits {margin:g} higher on the target class than on the others", margin * hot)
+        for margin in _PERFECT_MARGINS
+    ]
+
+
+def _one_hot_logits(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """1 on each class-index target's class, 0 elsewhere, in the output's shape; else None."""
+    if target.is_floating_point():
+        return None
+    class_dim = _class_dim(output, target)
+    if class_dim is None:
+        return None
+    classes = output.shape[class_dim]
+    labels = target.long().clamp(min=0)  # negative: an ignore_index, any class will do
+    if not labels.numel() or int(labels.max()) >= classes:
+        return None
+    return F.one_hot(labels, classes).movedim(-1, class_dim).to(output.dtype)
+
+
+def _class_dim(output: torch.Tensor, target: torch.Tensor) -> int | None:
+    """The output's class dimension for class-index targets: 1, or the last; None if unclear."""
+    if output.ndim < 2:
+        return None
+    dims = set()
+    if output.shape[:1] + output.shape[2:] == target.shape:
+        dims.add(1)
+    if output.shape[:-1] == target.shape:
+        dims.add(output.ndim - 1)
+    return dims.pop() if len(dims) == 1 else None
 
 
 class DeadUnitWatch:
@@ -381,16 +658,11 @@ class DeadUnitWatch:
 
     @contextmanager
     def watching(self) -> Iterator[DeadUnitWatch]:
-        handles = [
-            module.register_forward_hook(self._hook(path))
-            for path, module in self.model.named_modules()
-            if isinstance(module, (nn.ReLU, nn.ReLU6))
+        relus = [
+            (p, m) for p, m in self.model.named_modules() if isinstance(m, (nn.ReLU, nn.ReLU6))
         ]
-        try:
+        with _hooked(m.register_forward_hook(self._hook(p)) for p, m in relus):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _hook(self, path: str) -> Any:
         def record(module: nn.Module, args: Any, output: Any) -> None:
@@ -432,3 +704,116 @@ def _units_fired(output: torch.Tensor) -> torch.Tensor:
     feature_dim = 1 if output.ndim in (2, 4, 5) else output.ndim - 1
     per_unit = output.movedim(feature_dim, 0).reshape(output.shape[feature_dim], -1)
     return (per_unit > 0).any(dim=1)
+
+
+# Functions that only drop units at random, and functions that take a dropout probability
+# (its name and position): attention applies dropout inside the call.
+_DROPOUT_FUNCTIONS = frozenset(
+    {
+        F.dropout,
+        F.dropout1d,
+        F.dropout2d,
+        F.dropout3d,
+        F.alpha_dropout,
+        F.feature_alpha_dropout,
+        torch.dropout,
+        torch.alpha_dropout,
+        torch.feature_dropout,
+        torch.feature_alpha_dropout,
+    }
+)
+_DROPOUT_ARGUMENTS = {
+    F.scaled_dot_product_attention: ("dropout_p", 4),
+    F.multi_head_attention_forward: ("dropout_p", 10),
+}
+
+
+class _WithoutDropout(TorchFunctionMode):
+    """Dropout switched off (in dropout layers and in attention); every other op as it was."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _DROPOUT_FUNCTIONS:
+            return args[0] if args else kwargs["input"]
+        if func in _DROPOUT_ARGUMENTS:
+            name, position = _DROPOUT_ARGUMENTS[func]
+            if len(args) > position:
+                args = (*args[:position], 0.0, *args[position + 1 :])
+            else:
+                kwargs[name] = 0.0
+        return func(*args, **kwargs)
+
+
+class _RandomOps(TorchDispatchMode):
+    """Records the random-number ops (``randperm``, ``bernoulli_``, ...) that run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            name = func.overloadpacket.__name__
+            if name not in self.seen:
+                self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass(frozen=True)
+class LossSpread:
+    """The loss of one batch measured repeatedly at the same weights.
+
+    Attributes
+    ----------
+    train
+        In training mode with dropout off: what varies here comes from the batch's path
+        through the forward pass and the loss (augmentation, mixup, noise), not from dropout.
+    eval
+        In eval mode (empty when the model cannot run in eval mode).
+    random_ops
+        The random-number ops that ran in training mode with dropout off.
+    """
+
+    train: list[float]
+    eval: list[float]
+    random_ops: list[str]
+
+
+def loss_spread(model: nn.Module, compute_loss: Callable[[], Any], repeats: int = 6) -> LossSpread:
+    """Measure ``compute_loss()`` ``repeats`` times at the model's current weights.
+
+    Nothing is updated: the random generators, every ``training`` flag and every buffer
+    (batch-norm statistics) are put back afterwards, also when the forward pass fails.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = _RngState.capture()
+    try:
+        with torch.no_grad():
+            recorder = _RandomOps()
+            with _WithoutDropout(), recorder:
+                train = [_measured(compute_loss)]
+            with _WithoutDropout():
+                train += [_measured(compute_loss) for _ in range(repeats - 1)]
+            model.eval()
+            try:
+                evaluated = [_measured(compute_loss) for _ in range(2)]
+            except (RuntimeError, ValueError, TypeError, IndexError):  # no eval path: skip it
+                evaluated = []
+    finally:
+        rng.restore()
+        for module, training in flags:
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return LossSpread(train, evaluated, recorder.seen)
+
+
+def _measured(compute_loss: Callable[[], Any]) -> float:
+    loss = compute_loss()
+    return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else float(loss)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import html
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,6 +187,26 @@ def trace_text(trace: Any) -> str:
     return "\n".join(lines)
 
 
+def display_location(location: str) -> str:
+    """``file:line`` as IPython's tracebacks name it: ``Cell In[3], line 14`` for a cell.
+
+    A kernel runs each cell from a temporary file; the traceback above the panel calls it by
+    its execution count, so the panel does too.
+    """
+    filename, _, line = location.rpartition(":")
+    shell = _ipython_shell()
+    named = shell.compile.format_code_name(filename) if shell is not None and filename else None
+    if not named:
+        return location
+    label, name = named
+    return f"{label} {name}, line {line}"
+
+
+def _ipython_shell() -> Any:
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
+
+
 def failure_lines(failure: Any, type_name: str = "") -> list[str]:
     """What failed, where in the user's code, why, and what to do next."""
     finding = getattr(failure, "finding", None)
@@ -195,7 +216,7 @@ def failure_lines(failure: Any, type_name: str = "") -> list[str]:
     lines = [f"FAILED {kind} in {module_text}: {failure.name}"]
     lines += [f"  {name:<8} {text}" for name, text in operand_rows(failure)]
     if failure.location:
-        lines.append(f"  your line: {failure.location}")
+        lines.append(f"  your line: {display_location(failure.location)}")
         if failure.source_line:
             lines.append(f"      {failure.source_line}")
     lines.append(f"  module:    {module}")
@@ -253,7 +274,7 @@ def _op_line(op: Any) -> str:
     line = f"{'x ' if failed else ''}{op.name}  {op_inputs_text(op)} -> "
     line += "FAILED" if failed else op_outputs_text(op)
     if op.location:
-        line += f"  at {op.location}"
+        line += f"  at {display_location(op.location)}"
     if getattr(op, "count", 1) > 1:
         line += f"  x{op.count}"
     return line
@@ -318,7 +339,7 @@ def _op_row_html(op: Any) -> str:
     failed = hasattr(op, "error")
     style = " style='background:#fde2e1'" if failed else ""
     outputs = "FAILED" if failed else op_outputs_text(op)
-    line = op.location or ""
+    line = display_location(op.location) if op.location else ""
     if op.source_line:
         line += f"  {op.source_line}"
     cells = (op.name, op_inputs_text(op), outputs, line, str(getattr(op, "count", 1)))

@@ -92,6 +92,7 @@ class Snapshot:
     slots: list[_SlotState] = field(default_factory=list)
     training: list[tuple[nn.Module, bool]] = field(default_factory=list)
     optimizer_state: dict[str, Any] | None = None
+    optimizer_flags: dict[str, Any] = field(default_factory=dict)
     rng: _RngState | None = None
     grad_enabled: bool = True
 
@@ -105,6 +106,7 @@ class Snapshot:
                     snap.slots.append(_slot_state(module, slots, name, obj))
         if optimizer is not None:
             snap.optimizer_state = _to_cpu(optimizer.state_dict())
+            snap.optimizer_flags = _plain_attributes(optimizer)
         snap.rng = _RngState.capture()
         return snap
 
@@ -126,7 +128,7 @@ class Snapshot:
         for module, flag in self.training:
             module.training = flag
         if self.optimizer is not None and self.optimizer_state is not None:
-            _restore_optimizer(self.optimizer, self.optimizer_state)
+            _restore_optimizer(self.optimizer, self.optimizer_state, self.optimizer_flags)
         if self.rng is not None:
             self.rng.restore()
         torch.set_grad_enabled(self.grad_enabled)
@@ -167,7 +169,20 @@ def _restore_values(tensor: torch.Tensor, saved: torch.Tensor) -> None:
         tensor.data.copy_(saved)
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def _plain_attributes(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's flags and counters (e.g. the one an LR scheduler sets on each step)."""
+    plain = (bool, int, float, str, type(None))
+    return {k: v for k, v in vars(optimizer).items() if isinstance(v, plain)}
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], flags: dict[str, Any]
+) -> None:
     """Load the saved state back, keeping each state tensor on its parameter's device."""
     optimizer.state.clear()
     optimizer.load_state_dict(_to_cpu(saved))
+    plain = _plain_attributes(optimizer)
+    for name in plain.keys() - flags.keys():  # flags the run added
+        delattr(optimizer, name)
+    for name, value in flags.items():
+        setattr(optimizer, name, value)

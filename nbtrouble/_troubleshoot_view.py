@@ -1,7 +1,8 @@
 """The decision-tree panel: a view over a ``troubleshoot.Session``, built from stock ipywidgets.
 
-The panel shows the lecture's steps with the current one highlighted, the current step's
-advice, buttons to run its check, move on and export the log, the last outcome (with the loss
+The panel shows the lecture's steps as toggle buttons with the current one selected (click
+another to go there) and each step's last outcome marked, the current step's advice,
+buttons to run its check, move on and export the log, the last outcome (with the loss
 curve of an overfitting run) and the log so far. It redraws whenever the session changes, also
 when the session is driven from code rather than from the buttons.
 """
@@ -16,7 +17,7 @@ import ipywidgets as widgets
 
 from nbtrouble.troubleshoot import STEPS, Outcome, Session, step_info
 
-_MARKS = {True: "&#10003;", False: "&#10007;"}  # check mark, cross
+_MARKS = {True: "&#10003;", False: "&#10007;"}  # check mark, cross, in HTML
 
 
 def session_panel(session: Session) -> widgets.VBox:
@@ -28,13 +29,20 @@ def session_panel(session: Session) -> widgets.VBox:
     >>> [b.description for b in panel.children[2].children]
     ['Run check', 'Next step', 'Export Markdown']
     """
-    tree = widgets.HTML(layout=widgets.Layout(margin="0 0 4px 0"))
+    tree = widgets.ToggleButtons(
+        options=_tree_options(session),
+        value=session.current,
+        style={"button_width": "auto"},
+        tooltips=[f"{step.part}: {step.check}" for step in STEPS],
+    )
+    tree.add_class("nbt-tree")
     step = widgets.HTML()
-    run = widgets.Button(description="Run check", button_style="primary", icon="play")
-    advance = widgets.Button(description="Next step", icon="arrow-right")
-    export = widgets.Button(description="Export Markdown", icon="download")
+    fit = widgets.Layout(width="auto")
+    run = widgets.Button(description="Run check", button_style="primary", icon="play", layout=fit)
+    advance = widgets.Button(description="Next step", icon="arrow-right", layout=fit)
+    export = widgets.Button(description="Export Markdown", icon="download", layout=fit)
     status = widgets.HTML()
-    result = widgets.Output()
+    result = widgets.VBox()
     log = widgets.HTML()
     markdown = widgets.Textarea(layout=widgets.Layout(width="100%", height="12em", display="none"))
     panel = widgets.VBox(
@@ -43,15 +51,20 @@ def session_panel(session: Session) -> widgets.VBox:
     )
     panel.add_class("nbtrouble-troubleshoot")
 
+    syncing = False  # set while redraw() writes the tree, so that the write is not a user's move
+
     def redraw(_: Session | None = None) -> None:
-        tree.value = _tree_html(session)
+        nonlocal syncing
+        syncing = True
+        try:
+            tree.options = _tree_options(session)
+            tree.value = session.current
+        finally:
+            syncing = False
         step.value = _step_html(session)
         advance.description = f"Next: {step_info(session.suggestion).title}"
         log.value = _log_html(session)
-        result.clear_output()
-        if session.log:
-            with result:
-                _show_outcome(session.log[-1])
+        result.children = _outcome_widgets(session.log[-1]) if session.log else ()
 
     def on_run(_: Any) -> None:
         run.disabled = True
@@ -60,7 +73,9 @@ def session_panel(session: Session) -> widgets.VBox:
             session.check()
             status.value = ""
         except Exception as e:  # shown in the panel, like tqdm's failed bar, then re-raised
-            status.value = f"<b style='color:#b00'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</b>"
+            status.value = (
+                f"<b style='color:#b00'>{html.escape(type(e).__name__)}: {html.escape(str(e))}</b>"
+            )
             raise
         finally:
             run.disabled = False
@@ -69,6 +84,11 @@ def session_panel(session: Session) -> widgets.VBox:
         markdown.value = session.to_markdown()
         markdown.layout.display = ""
 
+    def on_step(change: dict[str, Any]) -> None:
+        if not syncing and change["new"] != session.current:
+            session.advance(change["new"])
+
+    tree.observe(on_step, names="value")
     run.on_click(on_run)
     advance.on_click(lambda _: session.advance())
     export.on_click(on_export)
@@ -77,23 +97,11 @@ def session_panel(session: Session) -> widgets.VBox:
     return panel
 
 
-def _tree_html(session: Session) -> str:
+def _tree_options(session: Session) -> list[tuple[str, str]]:
+    """The steps as (label, key), each label marked with the step's last outcome."""
     last = {o.step: o.passed for o in session.log}
-    cells = []
-    for step in STEPS:
-        style = "padding:2px 6px;border-radius:4px;margin-right:4px;"
-        if step.key == session.current:
-            style += "background:#1976d2;color:white;font-weight:bold;"
-        elif step.key in last:
-            style += "background:#e8f5e9;" if last[step.key] else "background:#ffebee;"
-        else:
-            style += "background:#f0f0f0;"
-        mark = _MARKS[last[step.key]] + " " if step.key in last else ""
-        cells.append(
-            f"<span class='nbt-step' title='{html.escape(step.part)}' style='{style}'>"
-            f"{mark}{html.escape(step.title)}</span>"
-        )
-    return "<div class='nbt-tree'>" + "&rarr;".join(cells) + "</div>"
+    marks = {True: "\u2713 ", False: "\u2717 "}  # check mark, cross
+    return [(marks.get(last.get(step.key), "") + step.title, step.key) for step in STEPS]
 
 
 def _step_html(session: Session) -> str:
@@ -119,29 +127,32 @@ def _log_html(session: Session) -> str:
     )
 
 
-def _show_outcome(outcome: Outcome) -> None:
-    from IPython.display import HTML, display
-
+def _outcome_widgets(outcome: Outcome) -> tuple[widgets.Widget, ...]:
+    """The last outcome: its verdict, findings and advice, and the loss curve when there is one."""
     verdict = "passed" if outcome.passed else "needs work"
     color = "#2e7d32" if outcome.passed else "#c62828"
     findings = "".join(
         f"<li><b>{html.escape(f.severity)}</b> <code>{html.escape(f.kind)}</code>: "
-        f"{html.escape(f.message)}" + (f"<br><small>{html.escape(f.hint)}</small>" if f.hint else "")
+        f"{html.escape(f.message)}"
+        + (f"<br><small>{html.escape(f.hint)}</small>" if f.hint else "")
         + "</li>"
         for f in outcome.findings
     )
-    display(
-        HTML(
-            f"<div class='nbt-verdict'><b style='color:{color}'>{html.escape(step_info(outcome.step).title)}: "
-            f"{verdict}</b>: {html.escape(outcome.summary)}"
-            + (f"<ul>{findings}</ul>" if findings else "")
-            + f"<div>Next: <b>{html.escape(step_info(outcome.next_step).title)}</b>. "
-            f"{html.escape(outcome.advice)}</div></div>"
-        )
+    text = widgets.HTML(
+        f"<div class='nbt-verdict'><b style='color:{color}'>"
+        f"{html.escape(step_info(outcome.step).title)}: {verdict}</b>: "
+        f"{html.escape(outcome.summary)}"
+        + (f"<ul>{findings}</ul>" if findings else "")
+        + f"<div>Next: <b>{html.escape(step_info(outcome.next_step).title)}</b>. "
+        f"{html.escape(outcome.advice)}</div></div>"
     )
     losses = outcome.details.get("losses")
-    if losses:
-        display(widgets.Image(value=loss_curve_png(losses), format="png"))
+    if not losses:
+        return (text,)
+    curve = widgets.Image(
+        value=loss_curve_png(losses), format="png", layout=widgets.Layout(width="420px")
+    )
+    return (text, curve)
 
 
 def loss_curve_png(losses: list[float]) -> bytes:

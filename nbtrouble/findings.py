@@ -25,6 +25,7 @@ KINDS = {
     "loss_choice": "which loss was inferred for the batch (info)",
     "target_mismatch": "targets a loss would broadcast or misread",
     "bad_input": "inputs or targets that cannot be used as they are",
+    "op_error": "an op or layer failed for a reason not traced to shapes, dtypes or devices",
 }
 
 

@@ -24,14 +24,27 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from nbtrouble import _preflight
 from nbtrouble._snapshot import Snapshot
-from nbtrouble._verdict import ADVICE, CurveReading, jumped_early, read_curve
+from nbtrouble._verdict import (
+    ADVICE,
+    CurveReading,
+    jumped_early,
+    read_curve,
+    spiked_early,
+    swing_of,
+)
 from nbtrouble.findings import Finding, NbTroubleError, alarms
 
 # Gradient norms that grow by this factor over the run have exploded.
 _GRADIENT_GROWTH = 100.0
+# A still-falling loss that would converge within this many times the steps run is slow, not stuck.
+_PATIENCE = 10
+# Swings the loss shows at fixed weights, as a share of its swings during the run, that explain
+# the oscillation without the learning rate.
+_EXPLAINED_SWING = 0.5
 
 
 class OverfitUsageError(NbTroubleError, ValueError):
@@ -117,7 +130,7 @@ class _Batch:
             return cls(False, batch[0], batch[1], batch)
         raise OverfitTypeError(
             "batch must be (inputs, targets) or a dict of model inputs (Hugging Face style), "
-            f"not {_describe(batch)}"
+            f"not {_describe(batch)}; group several inputs as ((x1, x2), targets)"
         )
 
     def forward(self, model: nn.Module) -> Any:
@@ -131,37 +144,78 @@ class _Batch:
 class _InferredLoss:
     """The loss chosen from the output and targets when the user gives none."""
 
-    def __init__(self, kind: str, reason: str) -> None:
+    def __init__(self, kind: str, reason: str, pick: _Pick) -> None:
         self.kind = kind
         self.reason = reason
+        self.pick = pick
 
-    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        output, target = self.operands(output, target)
         if self.kind == "mse":
             return F.mse_loss(output, target)
-        if output.ndim > 2 and output.shape[:-1] == target.shape:  # (N, T, C) sequence logits
-            return F.cross_entropy(output.flatten(0, -2), target.flatten())
         return F.cross_entropy(output, target)
+
+    def operands(self, output: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prediction and target as the loss compares them."""
+        output = self.pick(output)
+        if self.kind == "mse":
+            return output, target
+        if output.ndim > 2 and output.shape[:-1] == target.shape:  # (N, T, C) sequence logits
+            return output.flatten(0, -2), target.flatten()
+        return output, target
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """Where the prediction sits in a model's output: the output itself, a key or a position."""
+
+    key: str | int | None = None
+    label: str = "output"
+
+    @classmethod
+    def of(cls, output: Any) -> _Pick:
+        """The ``logits`` entry if there is one, else the first tensor (HF and RNN conventions)."""
+        if isinstance(output, Mapping):
+            entries = [(k, k, f"output[{k!r}]") for k in output]
+        elif isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+            entries = [(i, k, f"output.{k}") for i, k in enumerate(output._fields)]
+        elif isinstance(output, (tuple, list)):
+            entries = [(i, i, f"output[{i}]") for i in range(len(output))]
+        else:
+            return cls()
+        tensors = [e for e in entries if isinstance(output[e[0]], torch.Tensor)]
+        if not tensors:
+            return cls()
+        key, _, label = next((e for e in tensors if e[1] == "logits"), tensors[0])
+        return cls(key, label)
+
+    def __call__(self, output: Any) -> Any:
+        return output if self.key is None else output[self.key]
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).removeprefix("torch.")
         return f"a {dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list, Mapping)):
+        return f"a {type(value).__name__} of {len(value)} items"
     return f"a {type(value).__name__}"
 
 
 def _infer_loss(output: Any, target: Any) -> _InferredLoss:
-    if isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor):
-        if not target.is_floating_point() and output.ndim >= 2:
-            if output.shape[:1] + output.shape[2:] == target.shape:
-                return _InferredLoss("cross_entropy", "integer targets are class indices")
-            if output.shape[:-1] == target.shape:
-                return _InferredLoss("cross_entropy", "integer targets index the last dim")
-        if target.is_floating_point() and target.numel() == output.numel():
-            return _InferredLoss("mse", "float targets with one value per output")
+    pick = _Pick.of(output)
+    prediction = pick(output)
+    if isinstance(prediction, torch.Tensor) and isinstance(target, torch.Tensor):
+        if not target.is_floating_point() and prediction.ndim >= 2:
+            if prediction.shape[:1] + prediction.shape[2:] == target.shape:
+                return _InferredLoss("cross_entropy", "integer targets are class indices", pick)
+            if prediction.shape[:-1] == target.shape:
+                return _InferredLoss("cross_entropy", "integer targets index the last dim", pick)
+        if target.is_floating_point() and target.numel() == prediction.numel():
+            return _InferredLoss("mse", "float targets with one value per output", pick)
     raise OverfitUsageError(
-        f"cannot infer a loss for output {_describe(output)} and target {_describe(target)}: "
-        "pass loss_fn"
+        f"cannot infer a loss for {pick.label} ({_describe(prediction)}) and target "
+        f"{_describe(target)}: pass loss_fn"
     )
 
 
@@ -221,6 +275,12 @@ def _validate(model: Any, steps: int, lr: float) -> None:
         raise OverfitUsageError(f"steps must be a positive integer, not {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise OverfitUsageError(f"lr must be a positive number, not {lr!r}")
+    lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise OverfitUsageError(
+            f"the model has lazy parameters whose shapes are not known yet ({', '.join(lazy[:4])}): "
+            "run one forward pass first (model(inputs)) to create them"
+        )
 
 
 def overfit_batch(
@@ -308,6 +368,10 @@ class _Run:
         self.findings: list[Finding] = []
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
+        # The lowest loss reachable on this batch, and what sets it (see _preflight.loss_floor).
+        self.floor, self.floor_why = 0.0, ""
+        self.blowup: tuple[str, str, float, float] | None = None  # see _preflight.CallWatch
+        self.sign_flipped = False  # the loss was shown to reward wrong predictions
 
     def execute(self, observer: Observer | None) -> OverfitReport:
         optimizer, optimizer_name = _make_optimizer(self.model, self.user_optimizer, self.lr)
@@ -321,9 +385,16 @@ class _Run:
         stopped, nonfinite_at = self._train(optimizer, observer)
         seconds = time.perf_counter() - started
         reading = read_curve(
-            self.losses, nonnegative=self._nonnegative(), nonfinite_at=nonfinite_at
+            self.losses,
+            nonnegative=self._nonnegative(),
+            nonfinite_at=nonfinite_at,
+            floor=self.floor,
+            floor_why=self.floor_why,
+            sign_flipped=self.sign_flipped,
+            pulled_back=_weight_decay(optimizer) > 0,
         )
-        self.findings += self._gradient_growth()
+        self.findings += self._gradient_growth(reading)
+        self.findings += self._forward_blowup(reading)
         self.findings += self._root_cause(reading, optimizer)
         return OverfitReport(
             verdict=reading.verdict,
@@ -361,22 +432,15 @@ class _Run:
         """One forward / backward without a step: output, target and gradient checks."""
         found: list[Finding] = []
         watch = _preflight.DeadUnitWatch(self.model)
+        calls = _preflight.CallWatch(self.model)
         self.model.zero_grad(set_to_none=True)
-        with watch.watching():
+        with watch.watching(), calls.watching():
             output = self._forward_or_explain()
         if self.loss_fn is None and not self.batch.is_dict:
             self.loss_fn = _infer_loss(output, self.batch.targets)
-            found.append(
-                Finding(
-                    "loss_choice",
-                    "info",
-                    f"no loss_fn given: using {self.loss_fn.kind} ({self.loss_fn.reason}; output "
-                    f"{tuple(output.shape)}, target {tuple(self.batch.targets.shape)})",
-                    "Pass loss_fn to choose another loss.",
-                )
-            )
+            found.append(self._loss_choice(self.loss_fn, output))
         if not self.batch.is_dict:
-            found += _preflight.check_output(self._loss_kind(), output, self.batch.targets)
+            found += self._output_checks(output)
         try:
             loss = _check_loss(_loss_value(self.batch, output, self.loss_fn))
             loss.backward()
@@ -384,9 +448,38 @@ class _Run:
             for finding in alarms(found):
                 error.add_note(f"overfit_batch pre-flight: {finding}")
             raise
-        found += _preflight.check_gradients(self.model)
+        found += self._loss_sign(output, float(loss.detach()))
+        found += _preflight.check_gradients(self.model, calls.called)
         found += watch.findings()
+        self.blowup = calls.blowup
         self.model.zero_grad(set_to_none=True)
+        return found
+
+    def _loss_choice(self, inferred: _InferredLoss, output: Any) -> Finding:
+        prediction = inferred.pick(output)
+        return Finding(
+            "loss_choice",
+            "info",
+            f"no loss_fn given: using {inferred.kind} ({inferred.reason}; {inferred.pick.label} "
+            f"{tuple(prediction.shape)}, target {tuple(self.batch.targets.shape)})",
+            "Pass loss_fn to choose another loss.",
+        )
+
+    def _output_checks(self, output: Any) -> list[Finding]:
+        """Output against targets, and the loss's floor when the targets keep it above zero."""
+        targets = self.batch.targets
+        if isinstance(self.loss_fn, _InferredLoss):
+            output, targets = self.loss_fn.operands(output, targets)
+        kind = self._loss_kind()
+        self.floor, self.floor_why = _preflight.loss_floor(kind, self.loss_fn, output, targets)
+        return _preflight.check_output(kind, output, targets)
+
+    def _loss_sign(self, output: Any, current: float) -> list[Finding]:
+        """The user's own loss on a perfect prediction, against the model's output."""
+        if self.batch.is_dict or isinstance(self.loss_fn, _InferredLoss):
+            return []  # the model's own loss, or one chosen here: right by construction
+        found = _preflight.check_loss_sign(self.loss_fn, output, self.batch.targets, current)
+        self.sign_flipped = bool(found)
         return found
 
     def _forward_or_explain(self) -> Any:
@@ -488,7 +581,7 @@ class _Run:
             where=(bad[0].rpartition(".")[0] or None) if bad else None,
         )
 
-    def _gradient_growth(self) -> list[Finding]:
+    def _gradient_growth(self, reading: CurveReading) -> list[Finding]:
         norms = [n for n in self.grad_norms if math.isfinite(n)]
         if len(norms) < 2 or norms[0] <= 0:
             return []
@@ -496,14 +589,37 @@ class _Run:
         growth = norms[peak] / norms[0]
         if growth < _GRADIENT_GROWTH:
             return []
+        # Growth that did not stop the loss converging (a likelihood sharpening its variance),
+        # or that follows from maximizing the loss, is a symptom, not the cause.
+        harmless = reading.verdict == "converged"
+        symptom = harmless or reading.negative_unbounded or reading.sign_flipped
+        note = "; the loss converged all the same" if harmless else ""
+        return [
+            Finding(
+                "exploding_gradient",
+                "info" if symptom else "warning",
+                f"the gradient norm grew from {norms[0]:.3g} at step 0 to {norms[peak]:.3g} at "
+                f"step {peak} ({growth:.3g}x){note}",
+                "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), and "
+                "check normalization and initialization.",
+            )
+        ]
+
+    def _forward_blowup(self, reading: CurveReading) -> list[Finding]:
+        """When the run blew up: a module that already blew its input up before any step."""
+        growth = [f for f in self.findings if f.kind == "exploding_gradient" and f.is_alarm]
+        if self.blowup is None or (reading.verdict != "explodes" and not growth):
+            return []
+        path, module, size_in, size_out = self.blowup
         return [
             Finding(
                 "exploding_gradient",
                 "warning",
-                f"the gradient norm grew from {norms[0]:.3g} at step 0 to {norms[peak]:.3g} at "
-                f"step {peak} ({growth:.3g}x)",
-                "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), and "
-                "check normalization and initialization.",
+                f"the forward pass blows up before any training: {module} '{path}' turns inputs "
+                f"of RMS {size_in:.3g} into outputs of RMS {size_out:.3g}",
+                "Check that layer's initialization (a recurrent weight with spectral radius above "
+                "1, a wrong init scale), add normalization, or use gated units (LSTM / GRU).",
+                where=path or None,
             )
         ]
 
@@ -512,8 +628,11 @@ class _Run:
             return []
         lr_text = self._lr_text(optimizer)
         if reading.verdict == "goes_up":
-            found = [_loss_increases(reading, self._loss_kind())]
-            if not reading.negative_unbounded and jumped_early(self.losses):
+            # The pre-flight sign check already says why, with its numbers.
+            sign_known = any(f.kind == "loss_increases" for f in self.findings)
+            found = [] if sign_known else [_loss_increases(reading, self._loss_kind())]
+            steady = not (reading.negative_unbounded or reading.sign_flipped)
+            if steady and jumped_early(self.losses):
                 found.append(
                     Finding(
                         "learning_rate",
@@ -536,39 +655,86 @@ class _Run:
                 )
             ]
         if reading.verdict == "oscillates":
-            return [
-                Finding(
-                    "learning_rate",
-                    "warning",
-                    f"the loss {reading.summary}: {lr_text} is likely too high",
-                    ADVICE["oscillates"],
-                )
-            ]
+            return self._oscillation_cause(reading, lr_text)
         return self._plateau_cause(reading, optimizer, lr_text)
+
+    def _oscillation_cause(self, reading: CurveReading, lr_text: str) -> list[Finding]:
+        """The learning rate, unless the loss swings as much at fixed weights (then the data)."""
+        too_high = Finding(
+            "learning_rate",
+            "warning",
+            f"the loss {reading.summary}: {lr_text} is likely too high",
+            ADVICE["oscillates"],
+        )
+        spread = self._spread_at_fixed_weights()
+        if spread is None or swing_of(spread.train) < _EXPLAINED_SWING * reading.swing:
+            return [too_high]
+        return [
+            _changing_batch(spread),
+            Finding(
+                "learning_rate",
+                "info",
+                f"the loss {reading.summary}: lowering {lr_text} will not remove swings the "
+                "loss shows at fixed weights",
+                "Fix the batch first, then judge the learning rate.",
+            ),
+        ]
+
+    def _spread_at_fixed_weights(self) -> _preflight.LossSpread | None:
+        def loss_now() -> Any:
+            return _loss_value(self.batch, self.batch.forward(self.model), self.loss_fn)
+
+        try:
+            return _preflight.loss_spread(self.model, loss_now)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # the probe tells nothing then
+            return None
 
     def _plateau_cause(
         self, reading: CurveReading, optimizer: torch.optim.Optimizer, lr_text: str
     ) -> list[Finding]:
-        if alarms(self.findings):
+        if alarms([f for f in self.findings if f.kind != "exploding_gradient"]):
             return []  # a pre-flight alarm already names the likely cause
-        watch = _preflight.DeadUnitWatch(self.model)
-        with torch.no_grad(), watch.watching():
-            self.batch.forward(self.model)
-        if watch.findings():
-            return [
-                Finding(f.kind, f.severity, f"after training: {f.message}", f.hint, f.where)
-                for f in watch.findings()
-            ]
-        decay = max(g.get("weight_decay", 0.0) for g in optimizer.param_groups)
+        found = self._spike_cause(lr_text) + self._dead_after_training()
+        if found:
+            return found
+        ran = len(self.losses)
+        more = reading.steps_to_converge
+        if reading.still_falling and more is not None and ran + more <= _PATIENCE * ran:
+            return [_not_yet(reading, ran, more, lr_text)]
+        decay = _weight_decay(optimizer)
         extra = f"; weight decay {decay:g} pulls the weights back" if decay else ""
-        falling = "still falling at the end: " if reading.still_falling else ""
         return [
             Finding(
                 "learning_rate",
                 "warning",
-                f"the loss {reading.summary}, {falling}{lr_text} is likely too low{extra}",
+                f"the loss {reading.summary}: {lr_text} is likely too low{extra}",
                 ADVICE["plateaus"],
             )
+        ]
+
+    def _spike_cause(self, lr_text: str) -> list[Finding]:
+        """A jump early on, then no progress: a first step too large wrecked the weights."""
+        spike = spiked_early(self.losses)
+        if spike is None:
+            return []
+        step, peak = spike
+        return [
+            Finding(
+                "learning_rate",
+                "warning",
+                f"the loss jumped from {self.losses[0]:.4g} to {peak:.4g} at step {step}, then "
+                f"stalled at {self.losses[-1]:.4g}: {lr_text} is likely too high",
+                "Lower the learning rate by 10x and run again.",
+            )
+        ]
+
+    def _dead_after_training(self) -> list[Finding]:
+        watch = _preflight.DeadUnitWatch(self.model)
+        with torch.no_grad(), watch.watching():
+            self.batch.forward(self.model)
+        return [
+            Finding(f.kind, f.severity, f"after training: {f.message}", f.hint, f.where)
+            for f in watch.findings()
         ]
 
     def _lr_text(self, optimizer: torch.optim.Optimizer) -> str:
@@ -576,11 +742,63 @@ class _Run:
         return "the learning rate " + ", ".join(f"{x:g}" for x in lrs)
 
 
+def _weight_decay(optimizer: torch.optim.Optimizer) -> float:
+    return max(float(g.get("weight_decay", 0.0) or 0.0) for g in optimizer.param_groups)
+
+
+def _changing_batch(spread: _preflight.LossSpread) -> Finding:
+    """The batch's loss varies without any update: the data changes between steps."""
+    low, high = min(spread.train), max(spread.train)
+    if not spread.eval:
+        in_eval = ""
+    elif max(spread.eval) > min(spread.eval):
+        in_eval = (
+            f"; in eval mode too ({min(spread.eval):.4g} to {max(spread.eval):.4g}): the "
+            "randomness does not depend on model.training (the loss, or the data it is given)"
+        )
+    else:
+        in_eval = (
+            f"; in eval mode it is {spread.eval[0]:.4g} every time: the randomness runs only "
+            "in training mode (an augmentation inside forward)"
+        )
+    ops = f"; random ops in the forward pass and loss: {', '.join(spread.random_ops)}"
+    return Finding(
+        "label_noise",
+        "warning",
+        f"at fixed weights, with dropout off, the loss of this same batch varied from {low:.4g} "
+        f"to {high:.4g} over {len(spread.train)} evaluations{in_eval}"
+        f"{ops if spread.random_ops else ''}. The inputs or targets change between steps "
+        "(augmentation, mixup, noise) without the labels following: the swings come from the "
+        "data, not the learning rate",
+        "Overfit the batch with augmentation off. If mixup or a similar augmentation stays, mix "
+        "the labels with the same weights as the inputs (lam * loss(y_a) + (1 - lam) * "
+        "loss(y_b)).",
+    )
+
+
+def _not_yet(reading: CurveReading, ran: int, more: int, lr_text: str) -> Finding:
+    """A loss still falling steadily: slow, not broken."""
+    return Finding(
+        "learning_rate",
+        "info",
+        f"the loss {reading.summary}: at the pace of its last {ran // 4} steps ({lr_text}) it "
+        f"would converge in about {more} more steps",
+        f"Nothing points to a bug yet: run again with steps={_round_up(ran + more)}, or raise "
+        "the learning rate (3x) to get there sooner.",
+    )
+
+
+def _round_up(steps: int) -> int:
+    """A step count people would type: 2 significant digits, rounded up."""
+    scale = 10 ** max(0, len(str(steps)) - 2)
+    return -(-steps // scale) * scale
+
+
 def _loss_increases(reading: CurveReading, kind: str | None) -> Finding:
     if reading.negative_unbounded:
         message = (
-            f"the loss {reading.summary}: a {kind or 'loss that starts positive'} that falls "
-            "below zero without bound is being maximized, not minimized"
+            f"the loss {reading.summary}: a {kind or 'loss'} that keeps falling below zero "
+            "without bound is being maximized, not minimized"
         )
     else:
         message = f"the loss {reading.summary} while overfitting one batch"

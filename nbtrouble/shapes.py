@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import re
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch.nn.modules.module import (
@@ -93,12 +94,16 @@ class Trace:
     folded: int = 0
     dropped: int = 0
     _candidates: collections.deque[Failure] = field(
-        default_factory=lambda: collections.deque(maxlen=_MAX_CANDIDATES), compare=False
+        default_factory=lambda: collections.deque(maxlen=_MAX_CANDIDATES),
+        init=False,
+        compare=False,
     )
     # An error raised by a module's own code, with the innermost module it left: the failure
     # is built when the exception is captured, once its traceback reaches the user's line.
     _module_errors: collections.deque[tuple[BaseException, _Running]] = field(
-        default_factory=lambda: collections.deque(maxlen=_MAX_CANDIDATES), compare=False
+        default_factory=lambda: collections.deque(maxlen=_MAX_CANDIDATES),
+        init=False,
+        compare=False,
     )
 
     def capture_exception(self, exc: BaseException) -> None:
@@ -115,13 +120,41 @@ class Trace:
                 break
         self._candidates.clear()
         self._module_errors.clear()
-        if self.failure is not None and self.failure.finding is not None:
-            _add_note_once(exc, self.failure.finding)
+        finding = self.failure.finding if self.failure is not None else None
+        # An error shapecheck cannot explain (the user's own raise) is left without a note.
+        if finding is not None and finding.kind != "op_error":
+            _add_note_once(exc, finding)
+
+    def debug(self) -> None:
+        """Open the debugger on the user's line that led to ``failure``, with its variables.
+
+        The same debugger as ``%%shapecheck --debug``, for scripts and plain Python: it stops
+        in the innermost frame of the user's own code (the model's ``forward`` line that called
+        the failing layer), where ``up`` / ``down`` / ``p x.shape`` work as usual.
+
+        Raises
+        ------
+        ValueError
+            When the trace recorded no failure, or its error carries no traceback.
+
+        Examples
+        --------
+        >>> try:  # doctest: +SKIP
+        ...     with nbt.shapecheck() as trace:
+        ...         model(x)
+        ... except RuntimeError:
+        ...     trace.debug()
+        """
+        from nbtrouble import _debugger
+
+        _debugger.post_mortem(self)
 
     def _forget_all_but_last_error(self) -> None:
-        """After a block that ended normally only the last error may still be asked about
-        (``%%shapecheck`` hands over the one its cell raised); an error's traceback holds its
-        frames' tensors, so the older ones are let go."""
+        """Keep only the last error seen in a block that ended normally.
+
+        ``%%shapecheck`` hands over the one error its cell raised; an error's traceback holds
+        its frames' tensors, so older ones are let go.
+        """
         for kept in (self._candidates, self._module_errors):
             while len(kept) > 1:
                 kept.popleft()
@@ -132,7 +165,15 @@ class Trace:
                 return candidate
         for raised, running in self._module_errors:
             if raised is exc:
-                return _module_failure(running, exc, self.meta)
+                try:
+                    return _module_failure(running, exc, self.meta)
+                except Exception as own:  # noqa: BLE001 - the user's error must propagate as it was
+                    warnings.warn(
+                        f"nbtrouble: could not describe why {running.path or 'the model'} "
+                        f"failed: {own!r}",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
         return None
 
     def __repr__(self) -> str:
@@ -174,24 +215,81 @@ def default_analyzers() -> list[Analyzer]:
 
 # Calls that read a tensor's metadata or convert it to Python: not ops a user thinks of.
 _NON_OPS = frozenset(
-    """dim ndimension size numel nelement is_contiguous stride storage_offset element_size
-    is_floating_point is_complex is_signed is_inference data_ptr item tolist numpy __len__
-    __repr__ __str__ __format__ __bool__ __int__ __float__ __index__ __hash__ __iter__
-    __reduce_ex__ __deepcopy__ __setstate__ __getstate__ __array__ __dir__ __contains__
-    get_device has_names _is_view register_hook retain_grad requires_grad_ _set_grad_enabled
-    set_grad_enabled is_grad_enabled _has_compatible_shallow_copy_type is_nonzero
-    untyped_storage storage _typed_storage is_pinned is_shared share_memory_ __get__ __set__
-    __delete__ _make_subclass _is_any_true _is_all_true""".split()
+    [
+        "dim",
+        "ndimension",
+        "size",
+        "numel",
+        "nelement",
+        "is_contiguous",
+        "stride",
+        "storage_offset",
+        "element_size",
+        "is_floating_point",
+        "is_complex",
+        "is_signed",
+        "is_inference",
+        "data_ptr",
+        "item",
+        "tolist",
+        "numpy",
+        "__len__",
+        "__repr__",
+        "__str__",
+        "__format__",
+        "__bool__",
+        "__int__",
+        "__float__",
+        "__index__",
+        "__hash__",
+        "__iter__",
+        "__reduce_ex__",
+        "__deepcopy__",
+        "__setstate__",
+        "__getstate__",
+        "__array__",
+        "__dir__",
+        "__contains__",
+        "get_device",
+        "has_names",
+        "_is_view",
+        "register_hook",
+        "retain_grad",
+        "requires_grad_",
+        "_set_grad_enabled",
+        "set_grad_enabled",
+        "is_grad_enabled",
+        "_has_compatible_shallow_copy_type",
+        "is_nonzero",
+        "untyped_storage",
+        "storage",
+        "_typed_storage",
+        "is_pinned",
+        "is_shared",
+        "share_memory_",
+        "__get__",
+        "__set__",
+        "__delete__",
+        "_make_subclass",
+        "_is_any_true",
+        "_is_all_true",
+    ]
 )
 # Properties that change a shape, so reading them is an op.
 _SHAPE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 
 
-@dataclass(frozen=True)
 class _FuncInfo:
-    name: str  # "torch.nn.functional.linear"
-    short: str  # "linear"
-    is_op: bool
+    """What the tracer needs to know about a torch function, worked out once per function."""
+
+    __slots__ = ("is_op", "name", "short", "wanted_by")
+
+    def __init__(self, name: str, short: str, is_op: bool) -> None:
+        self.name = name  # "torch.nn.functional.linear"
+        self.short = short  # "linear"
+        self.is_op = is_op
+        # Analyzer class -> whether it looks at this op even when it follows no value.
+        self.wanted_by: dict[type, bool] = {}
 
 
 _func_info_cache: dict[Any, _FuncInfo] = {}
@@ -251,18 +349,78 @@ def _outputs(result: Any, args: tuple[Any, ...]) -> list[torch.Tensor]:
 
 
 def _shapes(tensors: list[torch.Tensor]) -> tuple[Shape, ...]:
-    return tuple([tuple(t.shape) for t in tensors])
+    return tuple([tensor_shape(t) if t.is_nested else tuple(t.shape) for t in tensors])
+
+
+def _sizes(tensors: list[torch.Tensor]) -> tuple[Any, ...]:
+    """Hashable shapes of ``tensors`` for a record's key (``torch.Size`` hashes like a tuple)."""
+    return tuple([tensor_shape(t) if t.is_nested else t.shape for t in tensors])
+
+
+def tensor_shape(t: torch.Tensor) -> Shape:
+    """A tensor's shape; ``-1`` for an axis without one size (the ragged axis of a nested tensor)."""
+    if not t.is_nested:
+        return tuple(t.shape)
+    sizes = []
+    for axis in range(t.dim()):
+        try:
+            sizes.append(int(t.size(axis)))
+        except (RuntimeError, AttributeError, TypeError):  # "dimension is irregular"
+            sizes.append(-1)
+    return tuple(sizes)
+
+
+def _wants(analyzer: Analyzer, name: str) -> bool:
+    """Whether ``analyzer`` looks at every op called ``name``.
+
+    An analyzer may declare ``wants(name) -> bool`` (a class method: the answer is cached per
+    function) together with a ``following`` attribute, true while it needs every op to follow
+    values it saw earlier. One without ``wants`` sees every op.
+    """
+    wants = getattr(type(analyzer), "wants", None)
+    return True if wants is None else bool(wants(name))
+
+
+def _event(
+    info: _FuncInfo,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    result: Any,
+    module: str | None,
+    code: Any,
+    lineno: int,
+    record: OpRecord | None,
+) -> OpEvent:
+    if code is None:
+        location, user_code, line = None, False, ""
+    else:
+        location = _location.location_text(code, lineno)
+        user_code = _location.is_user_code(code)
+        line = record.source_line if record is not None else _location.code_line(code, lineno)
+    return OpEvent(func, info.name, args, kwargs, result, location, module, user_code, line)
 
 
 # --- the mode and the hooks -----------------------------------------------------------------
 
 
-class _Running(NamedTuple):
-    """A module whose forward is running: what an error raised in it needs."""
+_untraced = torch._C.DisableTorchFunction
+
+
+@dataclass(slots=True)
+class _Running:
+    """A module whose forward is running: what an error raised in it needs.
+
+    ``call_frame`` is the frame of torch's module call that ran the hooks; ``caller`` is, once
+    an op asked, the user frame above that call and whether housekeeping made it. Every op in
+    the module's forward has the same frames above the call, so they are walked only once.
+    """
 
     module: torch.nn.Module
     path: str
     args: tuple[Any, ...]
+    call_frame: FrameType | None = None
+    caller: tuple[FrameType | None, bool] | None = None
 
 
 class _Recorder(TorchFunctionMode):
@@ -299,11 +457,11 @@ class _Recorder(TorchFunctionMode):
                 return func(*args, **kwargs)
             except Exception as exc:
                 # Not an op, but it failed in the user's code (``.item()`` on a meta tensor).
-                frame, housekeeping = _caller(sys._getframe(0))
+                frame, housekeeping = self._caller(sys._getframe(0), len(self.running) - 1)
                 if not housekeeping:
-                    self._failed(info, func, args, kwargs, exc, frame)
+                    self._note_failure(info, func, args, kwargs, exc, frame)
                 raise
-        frame, housekeeping = _caller(sys._getframe(1))
+        frame, housekeeping = self._caller(sys._getframe(1), len(self.running) - 1)
         if housekeeping:
             return func(*args, **kwargs)
         if self.converter is not None:
@@ -311,10 +469,36 @@ class _Recorder(TorchFunctionMode):
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
-            self._failed(info, func, args, kwargs, exc, frame)
+            self._note_failure(info, func, args, kwargs, exc, frame)
             raise
         self._record(info, func, args, kwargs, result, frame)
         return result
+
+    def _caller(self, frame: FrameType | None, depth: int) -> tuple[FrameType | None, bool]:
+        """The innermost user frame above ``frame``, and whether module housekeeping made the op.
+
+        The walk stops early at the call of the running module ``self.running[depth]``: above
+        it, the answer is that call's own, found once per call (frames cost to walk).
+        """
+        stop = self.running[depth].call_frame if depth >= 0 else None
+        known = _location.known_code_kinds  # read directly: this loop runs for every op
+        user, housekeeping = _location.USER, _location.HOUSEKEEPING
+        while frame is not None:
+            if frame is stop:
+                entry = self.running[depth]
+                if entry.caller is None:
+                    entry.caller = self._caller(frame.f_back, depth - 1)
+                return entry.caller
+            code = frame.f_code
+            kind = known.get(id(code))
+            if kind is None:
+                kind = _location.code_kind(code)
+            if kind == user:
+                return frame, False
+            if kind == housekeeping:
+                return None, True
+            frame = frame.f_back
+        return None, False
 
     def _record(
         self,
@@ -327,11 +511,12 @@ class _Recorder(TorchFunctionMode):
     ) -> None:
         inputs = _tensors(args, kwargs)
         # torch.Size hashes and compares like a tuple: plain tuples are made for new records only.
-        sizes = tuple([t.shape for t in inputs])
+        sizes = _sizes(inputs)
         running = self.running
         module = running[-1].path if running else None
         code, lineno = (frame.f_code, frame.f_lineno) if frame is not None else (None, 0)
-        key = (func, module, code, lineno, sizes)
+        # id(code): hashing a code object is slow; the frame's code is kept by _location.
+        key = (func, module, id(code), lineno, sizes)
         record = self._op_index.get(key)
         trace = self.trace
         if record is not None:
@@ -340,63 +525,51 @@ class _Recorder(TorchFunctionMode):
         elif len(trace.ops) >= self.max_ops:
             trace.dropped += 1
         else:
-            record = self._new_record(info, module, inputs, result, args, code, lineno)
+            record = self._new_record(info, module, inputs, sizes, result, args, (code, lineno))
             self._op_index[key] = record
             trace.ops.append(record)
         if self.analyzers:
-            self._tell_analyzers(info, func, args, kwargs, result, module, code, lineno, record)
+            listeners = self._listeners(info)
+            if listeners:
+                event = _event(info, func, args, kwargs, result, module, code, lineno, record)
+                self._tell(listeners, event)
 
     def _new_record(
         self,
         info: _FuncInfo,
         module: str | None,
         inputs: list[torch.Tensor],
+        sizes: tuple[Any, ...],
         result: Any,
         args: tuple[Any, ...],
-        code: Any,
-        lineno: int,
+        line_of_code: tuple[Any, int],
     ) -> OpRecord:
-        location, line = _where(code, lineno)
+        location, line = _where(*line_of_code)
         return OpRecord(
             name=info.name,
             module=module,
-            input_shapes=_shapes(inputs),
+            input_shapes=tuple([tuple(size) for size in sizes]),
             output_shapes=_shapes(_outputs(result, args)),
-            dtypes=tuple([_dtype_name(t.dtype) for t in inputs]),
-            devices=tuple([_device_name(t.device) for t in inputs]),
+            dtypes=_dtype_names_of(inputs),
+            devices=_device_names_of(inputs),
             location=location,
             source_line=line,
         )
 
-    def _tell_analyzers(
-        self,
-        info: _FuncInfo,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        result: Any,
-        module: str | None,
-        code: Any,
-        lineno: int,
-        record: OpRecord | None,
-    ) -> None:
-        if code is None:
-            location, user_code = None, False
-        else:
-            location = _location.location_text(code, lineno)
-            user_code = _location.is_user_code(code)
-        event = OpEvent(
-            func,
-            info.name,
-            args,
-            kwargs,
-            result,
-            location,
-            module,
-            user_code,
-            record.source_line if record is not None else "",
-        )
+    def _listeners(self, info: _FuncInfo) -> list[Analyzer]:
+        """The analyzers that look at this op now: most ops matter to none of them."""
+        wanted_by = info.wanted_by
+        listeners = []
         for analyzer in self.analyzers:
+            wanted = wanted_by.get(type(analyzer))
+            if wanted is None:
+                wanted = wanted_by[type(analyzer)] = _wants(analyzer, info.name)
+            if wanted or analyzer.following:  # type: ignore[attr-defined]
+                listeners.append(analyzer)
+        return listeners
+
+    def _tell(self, listeners: list[Analyzer], event: OpEvent) -> None:
+        for analyzer in listeners:
             try:
                 analyzer.on_op(event)
             except Exception as e:  # noqa: BLE001 - a broken check must not break the user's code
@@ -410,6 +583,20 @@ class _Recorder(TorchFunctionMode):
             stacklevel=2,
         )
 
+    def _note_failure(self, info: _FuncInfo, *failed: Any) -> None:
+        """``_failed(info, func, args, kwargs, exc, frame)``, never raising.
+
+        The user's own error must propagate as it was, whatever describing it runs into.
+        """
+        try:
+            self._failed(info, *failed)
+        except Exception as own:  # noqa: BLE001 - e.g. an operand whose shape cannot be read
+            warnings.warn(
+                f"nbtrouble: could not describe why {info.name} failed: {own!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def _failed(
         self,
         info: _FuncInfo,
@@ -422,10 +609,10 @@ class _Recorder(TorchFunctionMode):
         if any(candidate.error is exc for candidate in self.trace._candidates):
             return
         running = self.running[-1] if self.running else None
-        code, lineno = (frame.f_code, frame.f_lineno) if frame is not None else (None, 0)
-        location, line = _where(code, lineno)
         inputs = _tensors(args, kwargs)
         try:
+            site = _failures.failure_site(frame, exc)
+            location, line = site.location, site.line
             operands = _failures.named_operands(func, args, kwargs)
             finding = _failures.classify_op(
                 info.short,
@@ -437,24 +624,17 @@ class _Recorder(TorchFunctionMode):
                 location,
                 exc,
                 meta=self.trace.meta,
+                module_args=running.args if running else (),
+                site=site,
             )
         except Exception:  # noqa: BLE001 - the user's own error must propagate as it was
+            code, lineno = (frame.f_code, frame.f_lineno) if frame is not None else (None, 0)
+            location, line = _where(code, lineno)
             operands = {f"arg{i}": t for i, t in enumerate(inputs)}
             finding = _failures.unexplained(info.name, inputs, location, exc)
+        module = running.path if running else None
         self.trace._candidates.append(
-            Failure(
-                name=info.name,
-                module=running.path if running else None,
-                input_shapes=_shapes(inputs),
-                output_shapes=(),
-                dtypes=tuple(_dtype_name(t.dtype) for t in inputs),
-                devices=tuple(str(t.device) for t in inputs),
-                location=location,
-                source_line=line,
-                error=exc,
-                finding=finding,
-                operands=operands,
-            )
+            _failure(info.name, module, inputs, (location, line), exc, finding, operands)
         )
 
     # Modules -----------------------------------------------------------------------------
@@ -466,31 +646,37 @@ class _Recorder(TorchFunctionMode):
         path = self.paths.get(id(module))
         if path is None:
             path = self._discover(module)
-        self.running.append(_Running(module, path, args))
+        self.running.append(_Running(module, path, args, sys._getframe(1)))
 
     def post_hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if output is None:
-            raised = sys.exc_info()[1]
-            if raised is not None:
-                self._module_raised(module, raised)
+        # Hooks run outside the mode's handler: without this, reading a shape here is traced.
+        with _untraced():
+            if output is None:
+                raised = sys.exc_info()[1]
+                if raised is not None:
+                    self._module_raised(module, raised)
+            entry = self._leave(module)
+            if entry is not None:
+                self._record_module(entry, args, output)
+
+    def _leave(self, module: torch.nn.Module) -> _Running | None:
+        """Pop ``module`` off the running stack, with what an error left above it."""
         running = self.running
         if running and running[-1].module is module:
-            self._record_module(running.pop(), args, output)
-            return
-        # A forward left by an error, or a module's nested call: pop down to this module.
+            return running.pop()
         for depth in range(len(running) - 1, -1, -1):
             if running[depth].module is module:
                 entry = running[depth]
                 del running[depth:]
-                self._record_module(entry, args, output)
-                return
+                return entry
+        return None
 
     def _record_module(self, running: _Running, args: tuple[Any, ...], output: Any) -> None:
         module = running.module
         cls = type(module)
         if _is_compile_wrapper(cls):
             return
-        sizes = tuple([a.shape for a in args if isinstance(a, torch.Tensor)])
+        sizes = _sizes([a for a in args if isinstance(a, torch.Tensor)])
         key = (running.path, cls, sizes)
         record = self._module_index.get(key)
         if record is not None:
@@ -499,7 +685,7 @@ class _Recorder(TorchFunctionMode):
             record = ModuleRecord(
                 path=running.path,
                 type_name=cls.__name__,
-                input_shapes=tuple([tuple(s) for s in sizes]),
+                input_shapes=tuple([tuple(size) for size in sizes]),
                 output_shapes=_shapes(_outputs(output, ())),
             )
             self._module_index[key] = record
@@ -514,11 +700,11 @@ class _Recorder(TorchFunctionMode):
         if any(candidate.error is exc for candidate in self.trace._candidates):
             return
         running = next(r for r in reversed(self.running) if r.module is module)
+        args = running.args
         if self.converter is not None:
-            running = _Running(
-                running.module, running.path, self.converter.convert(running.args, {})[0]
-            )
-        self.trace._module_errors.append((exc, running))
+            args = self.converter.convert(args, {})[0]
+        # Without its frames: the trace outlives the call.
+        self.trace._module_errors.append((exc, _Running(running.module, running.path, args)))
 
     def _discover(self, module: torch.nn.Module) -> str:
         """The dotted path of a module seen for the first time."""
@@ -538,36 +724,66 @@ class _Recorder(TorchFunctionMode):
     def _map_root(self, root: torch.nn.Module) -> None:
         self.paths[id(root)] = ""
         self._known_modules.append(root)
-        # A torch.compile'd model: its original module is the same model.
-        self._map_children(getattr(root, "_orig_mod", root), "")
+        # A torch.compile'd model: its original module is the same model. A part called on its
+        # own earlier (``model.encoder(x)``) takes its path inside this bigger model.
+        self._map_children(getattr(root, "_orig_mod", root), "", replace=True)
 
-    def _map_children(self, module: torch.nn.Module, prefix: str) -> None:
-        for name, sub in module.named_modules(prefix=prefix):
-            if id(sub) not in self.paths:
-                self.paths[id(sub)] = name
-                self._known_modules.append(sub)
+    def _map_children(self, module: torch.nn.Module, prefix: str, replace: bool = False) -> None:
+        """Give ``module`` and all below it their dotted paths (a shared module its first one).
+
+        ``named_modules`` in a plain loop: this runs for every root module of every trace.
+        """
+        paths, known, seen = self.paths, self._known_modules, set()
+        pending = [(prefix, module)]
+        while pending:
+            path, sub = pending.pop()
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            if replace or id(sub) not in paths:
+                paths[id(sub)] = path
+                known.append(sub)
+            dot = f"{path}." if path else ""
+            children = [
+                (dot + name, child) for name, child in sub._modules.items() if child is not None
+            ]
+            pending.extend(reversed(children))
 
 
 def _module_failure(running: _Running, exc: Exception, meta: bool) -> Failure:
     """A failure raised by a module's own Python code rather than by a tensor op."""
     module = running.module
-    location, line = _location.innermost_user_line(exc.__traceback__)
+    site = _failures.module_failure_site(exc)
+    location, line = site.location, site.line
     inputs = _tensors(running.args, None)
-    operands = {
-        ("input" if i == 0 else f"arg{i}"): t
-        for i, t in enumerate(a for a in running.args if isinstance(a, torch.Tensor))
-    }
-    finding = _failures.classify_module(module, running.path, operands, location, exc, meta=meta)
+    operands = _failures.module_operands(module, running.args, exc, meta=meta)
+    finding = _failures.classify_module(
+        module, running.path, operands, location, exc, meta=meta, site=site
+    )
     cls = type(module)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return _failure(name, running.path, inputs, (location, line), exc, finding, operands)
+
+
+def _failure(
+    name: str,
+    module: str | None,
+    inputs: list[torch.Tensor],
+    where: tuple[str | None, str],
+    exc: Exception,
+    finding: Finding,
+    operands: dict[str, Any],
+) -> Failure:
+    """A failure record; ``where`` is the user's ``("file:line", source text)``."""
     return Failure(
-        name=f"{cls.__module__}.{cls.__qualname__}",
-        module=running.path,
+        name=name,
+        module=module,
         input_shapes=_shapes(inputs),
         output_shapes=(),
-        dtypes=tuple(_dtype_name(t.dtype) for t in inputs),
-        devices=tuple(str(t.device) for t in inputs),
-        location=location,
-        source_line=line,
+        dtypes=_dtype_names_of(inputs),
+        devices=_device_names_of(inputs),
+        location=where[0],
+        source_line=where[1],
         error=exc,
         finding=finding,
         operands=operands,
@@ -586,23 +802,20 @@ def _is_compile_wrapper(cls: type) -> bool:
     return known
 
 
-def _caller(frame: FrameType | None) -> tuple[FrameType | None, bool]:
-    """The innermost user frame above ``frame``, and whether module housekeeping made the op."""
-    code_kind = _location.code_kind
-    while frame is not None:
-        kind = code_kind(frame.f_code)
-        if kind == _location.USER:
-            return frame, False
-        if kind == _location.HOUSEKEEPING:
-            return None, True
-        frame = frame.f_back
-    return None, False
+_wheres: dict[tuple[Any, int], tuple[str | None, str]] = {}
 
 
 def _where(code: Any, lineno: int) -> tuple[str | None, str]:
-    if code is None:
-        return None, ""
-    return _location.location_text(code, lineno), _location.source_line(code.co_filename, lineno)
+    """``("file:line", source text)`` of a line (cached: every new record asks)."""
+    key = (id(code), lineno)  # the code is kept alive by _location's caches
+    where = _wheres.get(key)
+    if where is None:
+        if code is None:
+            where = (None, "")
+        else:
+            where = (_location.location_text(code, lineno), _location.code_line(code, lineno))
+        _wheres[key] = where
+    return where
 
 
 _device_names: dict[torch.device, str] = {}
@@ -616,6 +829,16 @@ def _device_name(device: torch.device) -> str:
 
 
 _dtype_names: dict[torch.dtype, str] = {}
+
+
+def _dtype_names_of(tensors: list[torch.Tensor]) -> tuple[str, ...]:
+    names = _dtype_names
+    return tuple([names.get(t.dtype) or _dtype_name(t.dtype) for t in tensors])
+
+
+def _device_names_of(tensors: list[torch.Tensor]) -> tuple[str, ...]:
+    # `is_cpu` first: reading `t.device` builds a new device object.
+    return tuple(["cpu" if t.is_cpu else _device_name(t.device) for t in tensors])
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -677,10 +900,10 @@ class shapecheck:
         return self.trace
 
     def _install(self, stack: contextlib.ExitStack) -> None:
-        grad_enabled = torch.is_grad_enabled()
-        stack.callback(torch.set_grad_enabled, grad_enabled)
+        stack.callback(torch._C._set_grad_enabled, torch.is_grad_enabled())
         # Importing the compiler costs seconds: run compiled code eagerly only once it is loaded
         # (a compiled model or function exists), or when a compiled model first runs.
+        _quiet_compiled_module_warning(stack)
         compiling = "torch._dynamo" in sys.modules
         if compiling:
             stack.enter_context(_eager_compiled_models())
@@ -736,12 +959,36 @@ def _collect_findings(analyzers: list[Analyzer]) -> list[Finding]:
 def _eager_compiled_models() -> Any:
     """Run ``torch.compile``'d code eagerly, so its original Python forward is traced."""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    with warnings.catch_warnings():
-        # torch warns that global hooks also fire for the compiled wrapper; the trace treats
-        # the wrapper and its original module as one.
-        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there")
-        if set_stance is None:
-            yield
-            return
-        with set_stance("force_eager"):
-            yield
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+# What ``warnings.filterwarnings("ignore", message=...)`` adds, built once: it is added on
+# every entry to a trace.
+_COMPILED_WRAPPER_FILTER = (
+    "ignore",
+    re.compile(r"Using `torch.compile\(module\)` when there", re.IGNORECASE),
+    Warning,
+    None,
+    0,
+)
+
+
+def _quiet_compiled_module_warning(stack: contextlib.ExitStack) -> None:
+    """Silence torch's warning that global hooks also fire for a compiled model's wrapper.
+
+    The trace treats the wrapper and its original module as one. Only this one filter entry is
+    added and removed again, so filters the user's own code sets in the block stay.
+    """
+    warnings.filters.insert(0, _COMPILED_WRAPPER_FILTER)
+    warnings._filters_mutated()  # type: ignore[attr-defined]
+    stack.callback(_remove_filter, _COMPILED_WRAPPER_FILTER)
+
+
+def _remove_filter(entry: tuple[Any, ...]) -> None:
+    with contextlib.suppress(ValueError):  # the user's code may have reset the filters
+        warnings.filters.remove(entry)
+        warnings._filters_mutated()  # type: ignore[attr-defined]

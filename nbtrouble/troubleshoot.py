@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-import types
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -202,8 +201,21 @@ class Session:
         return self.log[-1].next_step if self.log else self.current
 
     def check(self) -> Outcome:
-        """Run the current step's check on the session's objects and record the outcome."""
-        outcome = _CHECKS[self.current](self)
+        """Run the current step's check on the session's objects and record the outcome.
+
+        The model (parameters, buffers, ``training`` flags) and the random number generators
+        are as before afterwards: iterating a data loader alone draws from the global RNG.
+        """
+        from nbtrouble._snapshot import Snapshot, _RngState
+
+        snapshot = Snapshot.take(self.model) if self.model is not None else None
+        rng = _RngState.capture()
+        try:
+            outcome = _CHECKS[self.current](self)
+        finally:
+            if snapshot is not None:
+                snapshot.restore()
+            rng.restore()
         self.log.append(outcome)
         self._changed()
         return outcome
@@ -217,15 +229,19 @@ class Session:
     goto = advance
 
     def use(self, **objects: Any) -> None:
-        """Swap in new objects for the next checks: ``use(train=bigger_loader)``, ``use(model=...)``.
+        """Swap in new objects for the next checks, e.g. ``use(train=bigger_loader)``.
 
         The improve step changes the model or the data; the log keeps what earlier checks saw.
         """
         unknown = set(objects) - {"model", "batch", *self.options}
         if unknown:
-            raise ValueError(f"unknown objects {sorted(unknown)}; known: model, batch, {', '.join(self.options)}")
+            raise ValueError(
+                f"unknown objects {sorted(unknown)}; known: model, batch, {', '.join(self.options)}"
+            )
         if "model" in objects and not isinstance(objects["model"], nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, not {type(objects['model']).__name__}")
+            raise TypeError(
+                f"model must be a torch.nn.Module, not {type(objects['model']).__name__}"
+            )
         self.model = objects.pop("model", self.model)
         self.batch = objects.pop("batch", self.batch)
         self.options.update(objects)
@@ -349,18 +365,18 @@ def troubleshoot(
         _check_number(f"known[{name!r}]", value, low=0.0)
     if tune is not None and not callable(tune):
         raise TypeError("tune must be a callable: tune(lr) -> validation error")
-    options = dict(
-        loss_fn=loss_fn,
-        train=train,
-        val=val,
-        test=test,
-        test_val=test_val,
-        irreducible=irreducible,
-        known=dict(known or {}),
-        tune=tune,
-        steps=steps,
-        lr=float(lr),
-    )
+    options = {
+        "loss_fn": loss_fn,
+        "train": train,
+        "val": val,
+        "test": test,
+        "test_val": test_val,
+        "irreducible": irreducible,
+        "known": dict(known or {}),
+        "tune": tune,
+        "steps": steps,
+        "lr": float(lr),
+    }
     return Session(model, batch, **options)
 
 
@@ -406,20 +422,16 @@ def _check_start_simple(session: Session) -> Outcome:
 
 
 def _check_run(session: Session) -> Outcome:
-    from nbtrouble._snapshot import Snapshot
     from nbtrouble.shapes import shapecheck
 
     _need(session, "model")
-    snapshot = Snapshot.take(session.model)
     error: BaseException | None = None
     trace = None
     try:
         with torch.no_grad(), shapecheck() as trace:
             _loss(session.model, session.batch, session.options["loss_fn"])
-    except Exception as e:  # the user's model failed: that is this check's finding
+    except Exception as e:  # noqa: BLE001 - the user's model failed: that is this check's finding
         error = e
-    finally:
-        snapshot.restore()
     findings = list(trace.findings) if trace is not None else []
     failure = trace.failure if trace is not None else None
     if failure is not None and failure.finding not in findings:
@@ -443,7 +455,11 @@ def _check_overfit(session: Session) -> Outcome:
     _need(session, "model")
     options = session.options
     report = overfit_batch(
-        session.model, session.batch, loss_fn=options["loss_fn"], steps=options["steps"], lr=options["lr"]
+        session.model,
+        session.batch,
+        loss_fn=options["loss_fn"],
+        steps=options["steps"],
+        lr=options["lr"],
     )
     losses = list(report.losses)
     curve = f" (loss {losses[0]:.3g} -> {losses[-1]:.3g} in {len(losses)} steps)" if losses else ""
@@ -466,7 +482,10 @@ def _check_compare(session: Session, tolerance: float = 0.02) -> Outcome:
     options = session.options
     error, kind = model_error(session.model, options["val"])
     targets = _all_targets(options["train"] if options["train"] is not None else options["val"])
-    results = {_trivial_name(kind): _trivial_error(targets, options["val"], kind), **options["known"]}
+    results = {
+        _trivial_name(kind): _trivial_error(targets, options["val"], kind),
+        **options["known"],
+    }
     best_name = min(results, key=results.__getitem__)
     beats_trivial = error < results[_trivial_name(kind)]
     near_best = error <= results[best_name] + max(tolerance, results[best_name])
@@ -486,9 +505,15 @@ def _check_compare(session: Session, tolerance: float = 0.02) -> Outcome:
 def _check_evaluate(session: Session) -> Outcome:
     bv = _decompose(session)
     components = ", ".join(f"{name} {value:.3g}" for name, value in bv.components.items())
-    advice = f"Address {bv.priority.replace('_', ' ')} first. " + " ".join(bv.next_steps[:2])
-    details = {"components": dict(bv.components), "priority": bv.priority, "next_steps": list(bv.next_steps)}
-    return _outcome("evaluate", True, f"{components}; first: {bv.priority}", advice, details=details)
+    advice = f"Address {_words(bv.priority)} first. " + " ".join(bv.next_steps[:2])
+    details = {
+        "components": dict(bv.components),
+        "priority": bv.priority,
+        "next_steps": list(bv.next_steps),
+    }
+    return _outcome(
+        "evaluate", True, f"{components}; first: {bv.priority}", advice, details=details
+    )
 
 
 def _check_improve(session: Session) -> Outcome:
@@ -505,7 +530,7 @@ def _check_improve(session: Session) -> Outcome:
     advice = (
         "The change helped: tune the hyperparameters."
         if passed
-        else f"No improvement yet: keep addressing {previous[-1].details['priority'].replace('_', ' ')}."
+        else f"No improvement yet: keep addressing {_words(previous[-1].details['priority'])}."
     )
     return _outcome("improve", passed, summary, advice, details=details)
 
@@ -514,7 +539,9 @@ def _check_tune(session: Session) -> Outcome:
     _need(session, "tune")
     trials = coarse_to_fine_lr(session.options["tune"])
     best_lr, best_error = min(trials, key=lambda t: t[1])
-    summary = f"best lr {best_lr:.2g} (validation error {best_error:.3g}) after {len(trials)} trials"
+    summary = (
+        f"best lr {best_lr:.2g} (validation error {best_error:.3g}) after {len(trials)} trials"
+    )
     advice = "Retrain at the best learning rate, then evaluate again."
     details = {"trials": trials, "best_lr": best_lr, "best_error": best_error}
     return _outcome("tune", True, summary, advice, details=details)
@@ -614,6 +641,10 @@ def model_error(model: nn.Module, loader: Iterable[Any]) -> tuple[float, str]:
     return wrong / total, kind
 
 
+def _words(key: str) -> str:
+    return key.replace("_", " ")
+
+
 def _trivial_name(kind: str) -> str:
     return "most frequent class" if kind == "error" else "average of the outputs"
 
@@ -635,7 +666,9 @@ def _inputs(batch: Any) -> list[torch.Tensor]:
         return [v for v in batch.values() if isinstance(v, torch.Tensor)]
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return [batch[0]]
-    raise TypeError(f"batch must be (inputs, targets) or a dict of tensors, not {type(batch).__name__}")
+    raise TypeError(
+        f"batch must be (inputs, targets) or a dict of tensors, not {type(batch).__name__}"
+    )
 
 
 def _loss(model: nn.Module, batch: Any, loss_fn: Callable[..., Any] | None) -> Any:
@@ -710,18 +743,3 @@ def _describe(model: nn.Module | None, batch: Any) -> str:
     size = sum(p.numel() for p in model.parameters())
     shapes = ", ".join(str(tuple(x.shape)) for x in _inputs(batch)) if batch is not None else "none"
     return f"Model: `{type(model).__name__}` ({size:,} parameters); batch inputs: {shapes}."
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``nbtrouble.troubleshoot(...)`` call the function even after the module is imported.
-
-    Importing ``nbtrouble.troubleshoot`` sets the package's ``troubleshoot`` attribute to this
-    module, hiding the function of the same name that ``nbtrouble`` re-exports; calling the
-    module calls the function, so ``nbt.troubleshoot(model, batch)`` works in any import order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Session:
-        return troubleshoot(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -6,13 +6,14 @@
 Each notebook runs top to bottom in a fresh kernel, with a copy of ``example_notebooks/`` as
 its working directory (so files a notebook writes never land in the repository). The
 executed notebooks, outputs and widget state included, are written to ``artifacts/notebooks/``
-as ``.html`` (and ``.ipynb``). A cell that fails without the ``raises-exception`` tag stops the
-run with the cell's error and a non-zero exit status.
+as ``.html`` (and ``.ipynb``), with an ``index.html`` linking them. A cell that fails without
+the ``raises-exception`` tag stops the run with the cell's error and a non-zero exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import shutil
 import sys
 import tempfile
@@ -32,11 +33,15 @@ def walkthrough(include_exercises: bool = False) -> list[Path]:
     """The walkthrough notebooks in lecture order, then (optionally) exercises and solutions."""
     paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if include_exercises:
-        paths += sorted(NOTEBOOKS.glob("exercise_*.ipynb")) + sorted(NOTEBOOKS.glob("solution_*.ipynb"))
+        paths += sorted(NOTEBOOKS.glob("exercise_*.ipynb")) + sorted(
+            NOTEBOOKS.glob("solution_*.ipynb")
+        )
     return paths
 
 
-def execute(path: Path, workdir: Path, kernel_name: str = "python3", timeout: int = 120) -> nbformat.NotebookNode:
+def execute(
+    path: Path, workdir: Path, kernel_name: str = "python3", timeout: int = 120
+) -> nbformat.NotebookNode:
     """Run ``path`` top to bottom in a fresh ``kernel_name`` kernel, in ``workdir``.
 
     Returns the executed notebook; raises ``nbclient.exceptions.CellExecutionError`` when a
@@ -62,6 +67,21 @@ def write_html(notebook: nbformat.NotebookNode, destination: Path) -> Path:
     return destination
 
 
+def write_index(timings: list[tuple[Path, float]], out: Path) -> Path:
+    """A page linking every rendered notebook, with how long each took to run."""
+    rows = "\n".join(
+        f'<li><a href="{path.stem}.html">{html.escape(path.stem)}</a> ({seconds:.1f} s)</li>'
+        for path, seconds in timings
+    )
+    index = out / "index.html"
+    index.write_text(
+        "<!doctype html><title>nbtrouble walkthrough</title>"
+        f"<h1>nbtrouble walkthrough</h1><ol>{rows}</ol>\n",
+        encoding="utf-8",
+    )
+    return index
+
+
 def run(paths: list[Path], out: Path, kernel_name: str, timeout: int) -> list[tuple[Path, float]]:
     """Execute and render every notebook; returns each notebook's wall time in seconds."""
     timings = []
@@ -72,10 +92,10 @@ def run(paths: list[Path], out: Path, kernel_name: str, timeout: int) -> list[tu
             start = time.perf_counter()
             notebook = execute(path, workdir, kernel_name, timeout)
             elapsed = time.perf_counter() - start
-            html = write_html(notebook, out / f"{path.stem}.html")
+            page = write_html(notebook, out / f"{path.stem}.html")
             nbformat.write(notebook, out / path.name)
             timings.append((path, elapsed))
-            print(f"{path.name:45s} {elapsed:6.1f} s -> {html}", flush=True)
+            print(f"{path.name:45s} {elapsed:6.1f} s -> {page}", flush=True)
     return timings
 
 
@@ -83,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="also run the exercises and solutions")
     parser.add_argument("--out", type=Path, default=ARTIFACTS, help="where the HTML goes")
-    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
+    parser.add_argument(
+        "--kernel", default="python3", help="Jupyter kernel name (default: python3)"
+    )
     parser.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell")
     parser.add_argument("notebooks", nargs="*", type=Path, help="run only these notebooks")
     args = parser.parse_args(argv)
     paths = [p.resolve() for p in args.notebooks] or walkthrough(args.all)
-    timings = run(paths, args.out.resolve(), args.kernel, args.timeout)
+    out = args.out.resolve()
+    timings = run(paths, out, args.kernel, args.timeout)
     total = sum(seconds for _, seconds in timings)
-    print(f"{len(timings)} notebooks executed in {total:.1f} s; HTML in {args.out}")
+    print(f"{len(timings)} notebooks executed in {total:.1f} s; open {write_index(timings, out)}")
     return 0
 
 

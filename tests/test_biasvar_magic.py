@@ -7,7 +7,6 @@ import base64
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
 from kernel_utils import SETUP_CELL, cell_text, outputs_with, run_notebook
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -15,9 +14,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def ip():
-    shell = get_ipython()
-    shell.run_line_magic("load_ext", "nbtrouble")
+def ip(ipython_shell):
+    shell = ipython_shell
     return shell
 
 

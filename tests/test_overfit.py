@@ -258,6 +258,30 @@ def _tanh_targets() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(64, 10), torch.rand(64, 1) * 1.6 - 0.8
 
 
+class MixupMLP(nn.Module):
+    """Mixup on the inputs only: the labels are not mixed with them (the planted bug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(hidden=64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            lam = torch.distributions.Beta(0.4, 0.4).sample()
+            x = lam * x + (1 - lam) * x[torch.randperm(len(x))]
+        return self.net(x)
+
+
+def mixed_predictions(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loss that mixes the predictions of shuffled samples but keeps each sample's label."""
+    lam = torch.distributions.Beta(0.4, 0.4).sample()
+    return F.cross_entropy(lam * output + (1 - lam) * output[torch.randperm(len(output))], target)
+
+
+def _ascent(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    return lambda model: torch.optim.Adam(model.parameters(), lr=lr, maximize=True)
+
+
 def _sgd(lr: float, **kw: Any) -> Callable[[nn.Module], torch.optim.Optimizer]:
     return lambda model: torch.optim.SGD(model.parameters(), lr=lr, **kw)
 
@@ -370,6 +394,23 @@ ZOO: dict[str, tuple[Callable[[], Case], str | None, set[str]]] = {
         "goes_up",
         {"loss_increases"},
     ),
+    "gradient_ascent_small_lr": (
+        lambda: Case(mlp(), classification(), nn.CrossEntropyLoss(), {"steps": 200}, _ascent(1e-5)),
+        "goes_up",
+        {"loss_increases"},
+    ),
+    "flipped_sign_lambda": (
+        lambda: Case(
+            mlp(), classification(), lambda o, y: -F.cross_entropy(o, y), {"steps": 100, "lr": 1e-5}
+        ),
+        "goes_up",
+        {"loss_increases"},
+    ),
+    "mixup_inputs_without_labels": (
+        lambda: Case(MixupMLP(), classification(), nn.CrossEntropyLoss(), {"lr": 3e-3}),
+        "oscillates",
+        {"label_noise"},
+    ),
     "lr_far_too_high": (
         lambda: Case(
             mlp(outputs=1),
@@ -417,7 +458,8 @@ def test_zoo_case_shows_its_finding_and_leaves_the_model_as_it_was(name: str) ->
 def test_verdict_root_causes_name_the_lecture_fix() -> None:
     up, _ = _run(ZOO["flipped_sign_loss"][0]())
     [increase] = [f for f in up.findings if f.kind == "loss_increases"]
-    assert "below zero" in increase.message and "sign" in increase.hint
+    assert "perfect prediction" in increase.message and "sign" in increase.hint
+    assert "falls as predictions get worse" in up.summary
     low, _ = _run(ZOO["lr_too_low_plateaus"][0]())
     [lr] = [f for f in low.findings if f.kind == "learning_rate"]
     assert "too low" in lr.message and "Raise the learning rate" in lr.hint
@@ -600,3 +642,55 @@ def test_hugging_face_model_with_labels_in_the_batch() -> None:
     report = nbt.overfit_batch(model, batch, steps=150, lr=1e-3)
     assert_restored(before, model)
     assert report.verdict == "converged" and alarms(report.findings) == [], repr(report)
+
+
+# -- a rising loss, a loss that rewards being wrong, a batch that changes between steps ----
+
+
+def test_gradient_ascent_at_a_small_lr_goes_up_however_small_the_rise() -> None:
+    report, _ = _run(ZOO["gradient_ascent_small_lr"][0]())
+    assert report.verdict == "goes_up", repr(report)
+    assert report.losses[-1] < 1.05 * report.losses[0]  # a small rise, far below 1.2x
+    [increase] = [f for f in report.findings if f.kind == "loss_increases"]
+    assert increase.severity == "error" and "rising steadily" in increase.message
+    assert "too low" not in str(report.findings)
+
+
+@pytest.mark.parametrize("flipped", ["lambda", "subclass"])
+def test_a_flipped_loss_is_caught_before_the_first_step_whatever_its_type(flipped: str) -> None:
+    loss = FlippedCrossEntropy() if flipped == "subclass" else lambda o, y: -F.cross_entropy(o, y)
+    report, _ = _run(Case(mlp(), classification(), loss, {"steps": 100, "lr": 1e-5}))
+    assert report.verdict == "goes_up", repr(report)
+    [increase] = [f for f in report.findings if f.kind == "loss_increases"]
+    first = f"{report.losses[0]:.4g}"
+    assert increase.severity == "error" and "rewards wrong predictions" in increase.message
+    assert "gives 0 for a perfect prediction" in increase.message
+    assert f"and {first} for the model's current output" in increase.message
+    # Known before any training step: one step gives no curve to read, the finding is there.
+    one_step, _ = _run(Case(mlp(), classification(), loss, {"steps": 1}))
+    assert "loss_increases" in {f.kind for f in one_step.findings}, repr(one_step)
+
+
+@pytest.mark.parametrize("where", ["forward", "loss"])
+def test_mixup_that_leaves_the_labels_alone_points_at_the_data_not_only_the_lr(where: str) -> None:
+    if where == "forward":
+        case = Case(MixupMLP(), classification(), nn.CrossEntropyLoss(), {"lr": 3e-3})
+    else:
+        case = Case(mlp(hidden=64), classification(), mixed_predictions, {"lr": 3e-3})
+    report, _ = _run(case)
+    assert report.verdict == "oscillates", repr(report)
+    [noise] = [f for f in report.findings if f.kind == "label_noise"]
+    assert noise.severity == "warning" and "at fixed weights" in noise.message
+    assert "randperm" in noise.message and "mix the labels" in noise.hint
+    mode = "in eval mode it is" if where == "forward" else "in eval mode too"
+    assert mode in noise.message, noise
+    [lr] = [f for f in report.findings if f.kind == "learning_rate"]
+    assert lr.severity == "info" and "will not remove swings" in lr.message
+
+
+def test_an_oscillation_from_a_too_high_lr_blames_the_lr_only() -> None:
+    report, _ = _run(ZOO["lr_too_high_oscillates"][0]())
+    assert report.verdict == "oscillates", repr(report)
+    [lr] = [f for f in report.findings if f.kind == "learning_rate"]
+    assert lr.severity == "warning" and "too high" in lr.message
+    assert "label_noise" not in {f.kind for f in report.findings}

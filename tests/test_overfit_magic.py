@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
 from test_overfit import ZOO, assert_restored, classification, fingerprint, mlp
 
 from nbtrouble._overfit_view import OverfitPanel, loss_curve_svg, report_text
@@ -14,9 +13,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def shell():
-    ip = get_ipython()
-    ip.run_line_magic("load_ext", "nbtrouble")
+def shell(ipython_shell):
+    ip = ipython_shell
     return ip
 
 

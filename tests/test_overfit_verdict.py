@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nbtrouble._verdict import read_curve
+from nbtrouble._verdict import read_curve, swing_of
 
 STEPS = 300
 
@@ -66,3 +66,42 @@ def test_nonfinite_or_orders_of_magnitude_explode() -> None:
 def test_empty_curve_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one loss"):
         read_curve([])
+
+
+def _rising(start: float, end: float, noise: float, seed: int = 0) -> list[float]:
+    return _noisy(np.linspace(start, end, 200), noise, seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_small_steady_rise_goes_up_unless_weight_decay_explains_it(seed: int) -> None:
+    curve = _rising(2.30, 2.34, noise=0.001, seed=seed)  # gradient ascent at a small lr
+    reading = read_curve(curve, nonnegative=True)
+    assert reading.verdict == "goes_up" and "rising steadily" in reading.summary, reading
+    assert read_curve(curve, nonnegative=True, pulled_back=True).verdict == "plateaus"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_noise_around_a_tiny_drift_is_not_a_trend(seed: int) -> None:
+    # Dropout-like wiggles of 5% around a drift of 0.1%: the noise explains the drift.
+    assert read_curve(_rising(2.300, 2.302, noise=0.05, seed=seed)).verdict == "plateaus"
+
+
+def test_a_rise_that_turns_back_is_not_going_up() -> None:
+    steps = np.arange(STEPS)
+    # Weight decay's early rise, then a fall.
+    hump = list(2.30 + 0.01 * np.sin(np.pi * steps / STEPS))
+    assert read_curve(hump, nonnegative=True).verdict == "plateaus"
+
+
+def test_a_loss_that_rewards_wrong_predictions_goes_up_when_it_falls() -> None:
+    falling = list(np.linspace(-2.30, -2.35, STEPS))
+    reading = read_curve(falling, sign_flipped=True)
+    assert reading.verdict == "goes_up" and reading.sign_flipped
+    assert read_curve(falling).verdict == "plateaus"  # unknown sign: a small fall tells nothing
+    assert read_curve([-2.3] * STEPS, sign_flipped=True).verdict == "plateaus"
+
+
+def test_swing_of_repeated_losses_matches_the_oscillation_scale() -> None:
+    assert swing_of([1.0, 1.0, 1.0]) == 0.0
+    assert swing_of([0.5, 1.0, 2.0, 0.5, 2.0]) == pytest.approx(np.log(4.0))
+    assert swing_of([1.0]) == 0.0

@@ -9,7 +9,6 @@ import ipywidgets as widgets
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
 
 from nbtrouble._shapes_view import PANEL_MODULES, trace_panel, trace_text
 
@@ -49,9 +48,8 @@ cnn, images = CNN(), torch.randn(2, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")
-def ip():
-    shell = get_ipython()
-    shell.run_line_magic("load_ext", "nbtrouble")
+def ip(ipython_shell):
+    shell = ipython_shell
     assert shell.run_cell(MODELS).success
     return shell
 

@@ -7,6 +7,7 @@ import inspect
 import json
 import subprocess
 import sys
+import warnings
 import weakref
 
 import pytest
@@ -49,6 +50,7 @@ def global_state() -> dict[str, object]:
         "grad": torch.is_grad_enabled(),
         "default_device": str(torch.get_default_device()),
         "stance": torch._dynamo.eval_frame._stance.stance,
+        "warning_filters": list(warnings.filters),
     }
 
 
@@ -119,9 +121,9 @@ def test_error_raised_by_module_code_names_the_module_and_line() -> None:
 
 def test_exception_propagates_unchanged_with_a_note() -> None:
     model = Net(fc2_in=5)
-    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as excinfo:
-        with nbt.shapecheck() as trace:
-            model(torch.randn(4, 8))
+    expected = "mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(RuntimeError, match=expected) as excinfo, nbt.shapecheck() as trace:
+        model(torch.randn(4, 8))
     assert trace.failure.error is excinfo.value
     assert excinfo.value.args == ("mat1 and mat2 shapes cannot be multiplied (4x16 and 5x3)",)
     assert excinfo.value.__notes__ == [
@@ -367,14 +369,128 @@ def test_meta_7b_decoder_config_is_fast_and_small() -> None:
 
 def test_meta_value_dependent_code_is_named() -> None:
     model = Net()
-    with pytest.raises(RuntimeError) as excinfo:
-        with nbt.shapecheck(meta=True) as trace:
-            loss = model(torch.randn(4, 8)).sum()
-            loss.item()
+    with pytest.raises(RuntimeError) as excinfo, nbt.shapecheck(meta=True) as trace:
+        loss = model(torch.randn(4, 8)).sum()
+        loss.item()
     assert trace.failure.error is excinfo.value
     assert trace.failure.name == "torch.Tensor.item"
     assert "meta=True does not compute" in trace.failure.finding.message
-    assert (
-        trace.failure.location
-        == f"{__file__}:{test_meta_value_dependent_code_is_named.__code__.co_firstlineno + 5}"
+    assert trace.failure.location == line_of(
+        test_meta_value_dependent_code_is_named, "loss.item()\n"
     )
+
+
+def test_part_called_alone_then_whole_model_gets_its_full_path() -> None:
+    model, x = Net(), torch.randn(4, 8)
+    with nbt.shapecheck() as trace:
+        model.fc1(x)  # a root of its own: path ""
+        model(x)
+    linear = [op.module for op in trace.ops if op.name.endswith("linear")]
+    assert linear == ["", "fc1", "fc2"]
+
+
+# --- nested tensors, sums that overflow, the debugger, analyzers' interest ---------------------
+
+
+def test_transformer_encoder_with_padding_mask_in_eval_mode() -> None:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(3, 5, 16)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, 3:] = True
+    with torch.no_grad(), nbt.shapecheck() as trace:
+        y = encoder(x, src_key_padding_mask=padding)
+    assert y.shape == (3, 5, 16) and trace.failure is None and trace.findings == []
+    assert [m.path for m in trace.modules][-1] == ""
+
+
+def test_nested_tensor_shapes_are_ragged() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a prototype: torch says so
+        nested = torch.nested.nested_tensor([torch.randn(2, 16), torch.randn(4, 16)])
+    layer = nn.Linear(16, 4)
+    with torch.no_grad(), nbt.shapecheck() as trace:
+        y = layer(nested * 2)
+    assert y.is_nested and trace.failure is None and trace.findings == []
+    mul, linear = trace.ops
+    assert mul.input_shapes == ((2, -1, 16),) and mul.output_shapes == ((2, -1, 16),)
+    assert linear.input_shapes == ((2, -1, 16), (4, 16), (4,))
+    assert trace.modules[0].input_shapes == ((2, -1, 16),)
+    assert trace.modules[0].output_shapes == ((2, -1, 4),)
+
+    too_narrow = nn.Linear(8, 4)
+    with pytest.raises(RuntimeError, match="Shape mismatch for NestedTensor") as excinfo:
+        with nbt.shapecheck() as trace:
+            too_narrow(nested)
+    assert trace.failure.error is excinfo.value
+    assert trace.failure.input_shapes == ((2, -1, 16), (4, 8), (4,))
+    assert "(2, -1, 16)" in trace.failure.finding.message
+
+
+def test_finite_mask_whose_sum_overflows_is_no_alarm() -> None:
+    """A mask of ``finfo.min`` (as transformers builds them) sums to -inf, yet is finite."""
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[-1, 4:] = False
+    lowest = torch.finfo(torch.float32).min
+    scores = torch.randn(8, 8)
+    with nbt.shapecheck() as trace:
+        mask = torch.where(keep, torch.zeros(()), lowest)
+        mask[keep.logical_not() & keep] = 0.0  # writes nothing; its sum overflows all the same
+        gates = (scores + mask).sigmoid()  # sigmoid attention: masked scores gate to 0
+        F.mse_loss(gates, torch.zeros(8, 8))
+    assert torch.isfinite(gates).all() and gates[-1, 4:].eq(0).all()
+    assert trace.findings == []
+
+
+def test_plus_and_minus_inf_are_an_inf_not_a_nan() -> None:
+    signs = torch.tensor([1.0, -1.0, 1.0])
+    with nbt.shapecheck() as trace:
+        blown = signs / 0.0  # sums to NaN, holds no NaN
+        F.mse_loss(blown, torch.zeros(3))
+    (finding,) = trace.findings
+    assert finding.kind == "nonfinite"
+    assert finding.message.startswith("Inf reached the loss mse_loss")
+    assert finding.where == line_of(
+        test_plus_and_minus_inf_are_an_inf_not_a_nan, "blown " + "= signs"
+    )
+
+
+def test_debug_opens_the_debugger_on_the_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbtrouble import _debugger
+
+    opened: list[object] = []
+    monkeypatch.setattr(_debugger, "post_mortem", opened.append)
+    with pytest.raises(RuntimeError), nbt.shapecheck() as trace:
+        Net(fc2_in=5)(torch.randn(4, 8))
+    trace.debug()
+    assert opened == [trace]
+
+
+def test_debug_without_failure_says_so() -> None:
+    with nbt.shapecheck() as trace:
+        Net()(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="no failure"):
+        trace.debug()
+
+
+def test_analyzer_without_declared_interest_sees_every_op(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbtrouble import shapes
+
+    class Spy:
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def on_op(self, event) -> None:
+            self.names.append(event.name)
+
+        def findings(self) -> list[nbt.Finding]:
+            return []
+
+    spy = Spy()
+    monkeypatch.setattr(shapes, "default_analyzers", lambda: [spy])
+    with nbt.shapecheck() as trace:
+        Net()(torch.randn(4, 8)).reshape(-1).view(4, 3)
+    assert spy.names == [op.name for op in trace.ops]
+    assert "torch.Tensor.view" in spy.names

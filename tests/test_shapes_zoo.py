@@ -460,9 +460,9 @@ OP_MISTAKES = {
 @pytest.mark.parametrize("name", OP_MISTAKES)
 def test_single_op_mistakes_are_explained(name: str) -> None:
     run, fragment = OP_MISTAKES[name]
-    with pytest.raises((RuntimeError, ValueError, IndexError, AssertionError)):
-        with nbt.shapecheck() as trace:
-            run()
+    errors = (RuntimeError, ValueError, IndexError, AssertionError)
+    with pytest.raises(errors), nbt.shapecheck() as trace:
+        run()
     finding = trace.failure.finding
     assert finding.kind == "shape_mismatch"
     assert fragment in f"{finding.message} {finding.hint}"
