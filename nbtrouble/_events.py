@@ -30,7 +30,13 @@ class OpEvent:
 
 
 class Analyzer(Protocol):
-    """Looks at every recorded op and reports findings at the end of the trace."""
+    """Looks at recorded ops and reports findings at the end of the trace.
+
+    An analyzer may also define a class method ``wants(name) -> bool`` (the ops it looks at,
+    cached per function by the tracer) and a ``following`` property, true while it needs every
+    op to follow a value it saw earlier; the tracer builds no event for an op nobody wants,
+    which keeps tracing cheap. Without ``wants`` an analyzer sees every op.
+    """
 
     def on_op(self, event: OpEvent) -> None: ...
 

@@ -261,3 +261,36 @@ def terminal_ipython(cwd: str | Path, *, simple_prompt: bool = True, timeout: fl
 
 IN_PROMPT = r"In \[\d+\]: "
 IPDB_PROMPT = r"ipdb> "
+
+
+# Two models with the classic shape bugs, shared by the %%shapecheck tests of every tier.
+SHAPE_BUG_MODELS = """\
+from torch import nn
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(4, 7)
+        self.fc1 = nn.Linear(10, 5)  # wrong: fc0 gives 7 features
+
+    def forward(self, x):
+        x = torch.relu(self.fc0(x))
+        x = self.fc1(x)
+        return x
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU()
+        )
+        self.fc1 = nn.Linear(16 * 5 * 5, 10)  # wrong: the features are 16 x 13 x 13
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.flatten(1)
+        return self.fc1(x)
+
+mlp, x = MLP(), torch.randn(3, 4)
+cnn, images = CNN(), torch.randn(2, 3, 32, 32)
+"""

@@ -7,6 +7,7 @@ import re
 import pytest
 from kernel_utils import (
     SETUP_CELL,
+    SHAPE_BUG_MODELS,
     cell_text,
     execute_with_input,
     outputs_with,
@@ -18,44 +19,13 @@ pytestmark = pytest.mark.kernel
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
-MODELS = """\
-from torch import nn
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc0 = nn.Linear(4, 7)
-        self.fc1 = nn.Linear(10, 5)  # wrong: fc0 gives 7 features
-
-    def forward(self, x):
-        x = torch.relu(self.fc0(x))
-        x = self.fc1(x)
-        return x
-
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU()
-        )
-        self.fc1 = nn.Linear(16 * 5 * 5, 10)  # wrong: the features are 16 x 13 x 13
-
-    def forward(self, x):
-        x = self.features(x)
-        x = x.flatten(1)
-        return self.fc1(x)
-
-mlp, x = MLP(), torch.randn(3, 4)
-cnn, images = CNN(), torch.randn(2, 3, 32, 32)
-"""
-
 
 @pytest.fixture(scope="module")
 def notebook():
     return run_notebook(
         [
             SETUP_CELL,
-            MODELS,
+            SHAPE_BUG_MODELS,
             "%%shapecheck\ny = mlp(x)",
             "%%shapecheck --meta\nlogits = cnn(images)",
             "print(type(_shapecheck.failure.error).__name__, _shapecheck.failure.module)",
@@ -107,7 +77,7 @@ def test_html_export_without_widget_state_shows_the_report(notebook):
 
 def test_debugger_over_stdin_opens_at_forward_and_goes_up_to_cell():
     with running_kernel() as kc:
-        setup = execute_with_input(kc, SETUP_CELL + "\n" + MODELS, [])
+        setup = execute_with_input(kc, SETUP_CELL + "\n" + SHAPE_BUG_MODELS, [])
         assert setup.status == "ok", setup.transcript
         commands = [
             "p nbt_operands['input'].shape",

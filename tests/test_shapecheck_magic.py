@@ -10,41 +10,13 @@ import pytest
 import torch
 from IPython.core.error import UsageError
 
+from kernel_utils import SHAPE_BUG_MODELS
+
 from nbtrouble._shapes_view import PANEL_MODULES, trace_panel, trace_text
 
 torch.set_num_threads(1)
 
-MODELS = """
-import torch
-from torch import nn
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc0 = nn.Linear(4, 7)
-        self.fc1 = nn.Linear(10, 5)  # wrong: fc0 gives 7 features
-
-    def forward(self, x):
-        x = torch.relu(self.fc0(x))
-        x = self.fc1(x)
-        return x
-
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU()
-        )
-        self.fc1 = nn.Linear(16 * 5 * 5, 10)  # wrong: the features are 16 x 13 x 13
-
-    def forward(self, x):
-        x = self.features(x)
-        x = x.flatten(1)
-        return self.fc1(x)
-
-mlp, x = MLP(), torch.randn(3, 4)
-cnn, images = CNN(), torch.randn(2, 3, 32, 32)
-"""
+MODELS = "import torch\n" + SHAPE_BUG_MODELS
 
 
 @pytest.fixture(scope="module")
