@@ -1,6 +1,6 @@
 """What the tracer tells the analyzers about each op it records.
 
-The tracer in ``shapes.py`` builds one ``OpEvent`` per top-level tensor op and hands it to
+The tracer in ``_recorder.py`` builds one ``OpEvent`` per top-level tensor op and hands it to
 every analyzer of the trace (silent broadcasts, non-finite values, ...). Analyzers keep no
 strong reference to tensors beyond what their own report needs.
 """

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from nbtrouble._tensor_info import tensor_shape
 from nbtrouble.findings import Finding
 
 # Operator methods whose aten op has another name.
@@ -29,8 +30,6 @@ _DUNDER_OPS = {
 def shape_text(t: torch.Tensor) -> str:
     """``(32, 64)``: a tensor's shape as a plain tuple (``-1``: a nested tensor's ragged axis)."""
     if t.is_nested:
-        from nbtrouble.shapes import tensor_shape  # here: shapes imports this module
-
         return str(tensor_shape(t))
     return str(tuple(t.shape))
 

@@ -67,7 +67,13 @@ def _check_02(r: dict[str, Any]) -> None:
     assert r["cast_kind"] == "dtype_mismatch", r
     assert "silent_broadcast" in r["broadcast_kinds"], r
     assert r["meta_device"] == "meta" and r["meta_parameters"] > 10**10, r
-    assert r["raised"] == ["RuntimeError", "RuntimeError"], r
+    assert r["llm_parameters"] > 6.5e9 and r["llm_failure"] is None, r
+    assert r["llm_logits"] == [[1, 512, 32000], "meta"], r
+    kind, module, message = r["llm_bug"]
+    assert kind == "shape_mismatch" and module == "lm_head", r
+    assert "in_features=4000" in message and "4096" in message, r
+    assert r["big_batch"] == [[4096, 10], "meta", True], r
+    assert r["raised"] == ["RuntimeError"] * 3, r
 
 
 def _check_03(r: dict[str, Any]) -> None:
@@ -211,6 +217,12 @@ NOTEBOOK_CHECKS: dict[str, tuple[dict[str, str], Callable[[dict[str, Any]], None
             "broadcast_kinds": kinds("broadcast_trace"),
             "meta_device": "str(huge_logits.device)",
             "meta_parameters": "sum(p.numel() for p in huge.parameters())",
+            "llm_parameters": "sum(p.numel() for p in llm.parameters())",
+            "llm_logits": "[list(next_token_logits.shape), str(next_token_logits.device)]",
+            "llm_failure": "llm_trace.failure",
+            "llm_bug": "[llm_bug_trace.failure.finding.kind, llm_bug_trace.failure.module,"
+            " llm_bug_trace.failure.finding.message]",
+            "big_batch": "[list(big_logits.shape), str(big_logits.device), unchanged]",
         },
         _check_02,
     ),

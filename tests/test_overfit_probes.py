@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from test_overfit import TinyTransformer, fingerprint, sequences
 from torch import nn
 
-from nbtrouble._preflight import check_loss_sign, loss_spread
+from nbtrouble._loss_checks import check_loss_sign, loss_spread
 
 torch.set_num_threads(1)
 
