@@ -49,7 +49,7 @@ def format_error(value: float, metric: str) -> str:
         return "-"
     if metric == "error":
         return f"{100 * value:.1f}%"
-    return f"{value:.4g}"
+    return f"{value:.5g}"
 
 
 # ---------------------------------------------------------------------------------------

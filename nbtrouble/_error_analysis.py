@@ -17,6 +17,7 @@ first element.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import random
@@ -159,23 +160,23 @@ def measure(
     check_loader(loader, argument)
     tally = _Tally(metric, argument, keep_examples=slices is not None)
     labels: list[Any] = []
-    device = _device_of(model)
+    place = _Placement.of(model)
+    inputs_taken = _positional_capacity(model)
     with (
         _preserved_state(model),
         torch.no_grad(),
         _progress_bar(loader, argument, progress) as batches,
     ):
-        for batch in batches:
-            args, kwargs, targets = _split_batch(batch, argument, _excluded_key(slices))
-            outputs = _primary_output(model(*_to(args, device), **_to(kwargs, device)))
-            size = tally.add(outputs, _to(targets, device))
+        for number, batch in enumerate(batches):
+            args, kwargs, targets = _split_batch(
+                batch, argument, _excluded_key(slices), inputs_taken
+            )
+            outputs = _call(model, place.inputs(args), place.inputs(kwargs), argument, number)
+            size = tally.add(outputs, place.targets(targets))
             if slices is not None:
                 labels.extend(_slice_labels(slices, batch, size, argument))
     if tally.count == 0:
-        raise BadInput(
-            argument,
-            "the loader yielded no batches (is the dataset empty, or the iterator used up?)",
-        )
+        raise BadInput(argument, _nothing_yielded(loader))
     return Measured(
         tally.mean, tally.count, tally.per_example(), labels if slices is not None else None
     )
@@ -369,10 +370,58 @@ def _batch_size(targets: Any, argument: str) -> int:
         ) from None
 
 
+def _nothing_yielded(loader: Any) -> str:
+    if isinstance(loader, Iterator):  # generators: one pass only
+        return (
+            f"the {type(loader).__name__} yielded no batches: an iterator can be read only once, "
+            "and this one is used up (by an earlier split or call?); pass a list of batches or "
+            "a DataLoader, which can be iterated again"
+        )
+    return "the loader yielded no batches (is the dataset empty?)"
+
+
+def _call(model: Callable[..., Any], args: Any, kwargs: Any, argument: str, number: int) -> Any:
+    """The model's predictions for one batch; a failure says which split and batch it hit."""
+    try:
+        return _primary_output(model(*args, **kwargs))
+    except Exception as error:  # the user's model failed: say where, and re-raise it
+        shapes = ", ".join(_shape_text(v) for v in [*args, *kwargs.values()])
+        error.add_note(
+            f"nbtrouble: raised by the model on batch {number} of {argument} "
+            f"(inputs: {shapes}), evaluated in eval mode under torch.no_grad()"
+        )
+        raise
+
+
+def _shape_text(value: Any) -> str:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"{type(value).__name__} {tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
+
+
+def _positional_capacity(model: Any) -> int | None:
+    """How many positional inputs the model takes; ``None`` when unknown or unlimited."""
+    function = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = [p.kind for p in parameters]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(kind in positional for kind in kinds)
+
+
 def _split_batch(
-    batch: Any, argument: str, excluded: str | None
+    batch: Any, argument: str, excluded: str | None, inputs_taken: int | None = None
 ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
-    """``(positional inputs, keyword inputs, targets)`` of one batch."""
+    """``(positional inputs, keyword inputs, targets)`` of one batch.
+
+    A tuple holds the inputs and then the target; when it holds more than the model takes
+    (``(x, y, sample_weight)`` for ``forward(x)``), the element after the inputs the model
+    takes is the target and the rest (weights, ids) is not used.
+    """
     if isinstance(batch, Mapping):
         key = next((k for k in LABEL_KEYS if k in batch), None)
         if key is None:
@@ -383,6 +432,8 @@ def _split_batch(
         inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS and k != excluded}
         return (), inputs, batch[key]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        if inputs_taken is not None and 0 < inputs_taken < len(batch) - 1:
+            return tuple(batch[:inputs_taken]), {}, batch[inputs_taken]
         return tuple(batch[:-1]), {}, batch[-1]
     raise BadInputType(
         argument,
@@ -402,26 +453,51 @@ def _primary_output(output: Any) -> Any:
     return output
 
 
-def _device_of(model: Any) -> torch.device | None:
-    if isinstance(model, torch.nn.Module):
-        parameter = next(model.parameters(), None)
-        return parameter.device if parameter is not None else None
-    return None
+@dataclass(frozen=True)
+class _Placement:
+    """Where a module's batches go: its device, and its float dtype for float inputs.
 
+    Numpy arrays become tensors. A plain callable (not an ``nn.Module``) gets batches as
+    they are.
+    """
 
-def _to(value: Any, device: torch.device | None) -> Any:
-    if device is None:
+    module: bool = False
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> _Placement:
+        if not isinstance(model, torch.nn.Module):
+            return cls()
+        tensors = [*model.parameters(), *model.buffers()]
+        floats = [t for t in tensors if t.is_floating_point()]
+        device = tensors[0].device if tensors else None
+        return cls(True, device, floats[0].dtype if floats else None)
+
+    def inputs(self, value: Any) -> Any:
+        # float64 numpy features fed to a float32 model are the common case: evaluate them
+        # in the model's dtype instead of failing on the first matmul.
+        return self._convert(value, self.dtype)
+
+    def targets(self, value: Any) -> Any:
+        return self._convert(value, None)
+
+    def _convert(self, value: Any, dtype: torch.dtype | None) -> Any:
+        if not self.module:
+            return value
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            value = torch.from_numpy(value)
+        if isinstance(value, torch.Tensor):
+            cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
+            return value.to(device=self.device or value.device, dtype=cast)
+        if isinstance(value, Mapping):
+            return {k: self._convert(v, dtype) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._convert(v, dtype) for v in value]
+        if isinstance(value, tuple):
+            moved = [self._convert(v, dtype) for v in value]
+            return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
         return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, tuple):
-        moved = [_to(v, device) for v in value]
-        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)  # named tuples
-    return value
 
 
 @contextmanager

@@ -183,6 +183,11 @@ def _judge(
     gap_large = gap > 0 and gap >= bias
     helps = falling and gap_large
     verdict = _verdict(falling, gap_large, drop, gap, bias, sizes[-1], metric)
+    if metric == "error" and max(*train, *val, floor) > 1:
+        verdict += (
+            " Note: errors above 1 cannot be error rates: divide percentages by 100, or pass "
+            "metric='mse' (or the metric's name) for another metric."
+        )
     return LearningCurve(sizes, train, val, floor, helps, verdict, drop, metric)
 
 

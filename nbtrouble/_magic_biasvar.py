@@ -138,6 +138,18 @@ class BiasVarMagics(Magics):
     def _metric(self, text: str) -> Any:
         if text in ("error", "mse", "mae"):
             return text
+        if text.isidentifier() and text not in self.shell.user_ns:
+            # A metric's name (f1, rmse, accuracy) rather than a function in the notebook.
+            from nbtrouble.biasvar import SCORE_WORDS
+
+            score = (
+                " (a score: pass 1 - score as the errors)" if text.lower() in SCORE_WORDS else ""
+            )
+            raise UsageError(
+                f"%biasvar --metric: name {text!r} is not defined: it is not a metric{score}; use "
+                "error, mse, mae, or the name of a function metric(outputs, targets) defined in "
+                "the notebook"
+            )
         metric = resolve(self.shell, text, "%biasvar --metric")
         if not callable(metric):
             raise UsageError(

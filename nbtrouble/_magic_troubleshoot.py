@@ -36,8 +36,10 @@ class TroubleshootMagics(Magics):
     @argument("--irreducible", type=float, default=None, help="irreducible (human-level) error")
     @argument("--known", action="append", default=[], metavar="NAME=ERROR", help="a known result")
     @argument("--tune", default=None, help="tune(lr) -> validation error, for the tuning step")
-    @argument("--steps", type=int, default=200, help="steps of the single-batch overfitting run")
-    @argument("--lr", type=float, default=3e-4, help="learning rate of that run")
+    @argument(
+        "--steps", type=int, default=None, help="steps of the single-batch overfitting run (200)"
+    )
+    @argument("--lr", type=float, default=None, help="learning rate of that run (3e-4)")
     @argument("--check", action="store_true", help="run the current step's check")
     @argument(
         "--next",
@@ -79,8 +81,12 @@ class TroubleshootMagics(Magics):
         data = self._data(args)
         if "loss" in data:
             data["loss_fn"] = data.pop("loss")
+        data.update(_settings(args))
         if data:
-            session.use(**data)
+            try:
+                session.use(**data)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"%troubleshoot: {e}") from None
 
     def _start(self, args: Any) -> Session:
         if args.batch is None:
@@ -94,9 +100,7 @@ class TroubleshootMagics(Magics):
                 resolve(self.shell, args.batch, "batch"),
                 loss_fn=data.pop("loss", None),
                 known=self._known(args.known),
-                irreducible=args.irreducible,
-                steps=args.steps,
-                lr=args.lr,
+                **_settings(args),
                 **data,
             )
         except (TypeError, ValueError) as e:
@@ -122,10 +126,16 @@ class TroubleshootMagics(Magics):
                 session.advance(args.goto or None)
             if args.check:
                 outcome = session.check()
-        except ValueError as e:  # unknown step, or data the check needs but was not given
+            if args.export is not None:
+                print(f"wrote {session.export(args.export)}")
+        except ValueError as e:  # unknown step, data a check needs, a path it cannot write
             raise UsageError(f"%troubleshoot: {e}") from None
-        if args.export is not None:
-            print(f"wrote {session.export(args.export)}")
         if args.check:
             return outcome
         return None if args.export is not None else session
+
+
+def _settings(args: Any) -> dict[str, Any]:
+    """The numbers given on the line: a new session's settings, or changes to the current one."""
+    names = ("irreducible", "steps", "lr")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

@@ -21,8 +21,10 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from nbtrouble._error_analysis import (
@@ -250,6 +252,7 @@ def biasvar(
     >>> bv.priority, round(bv.components["variance"], 3)
     ('variance', 0.05)
     """
+    _check_metric_name(metric)
     errors = _errors(model, train, val, test, irreducible, test_val, metric, progress)
     return decompose(
         errors, metric_name=_metric_name(metric), irreducible_given=irreducible is not None
@@ -298,7 +301,7 @@ def _notes(
 ) -> list[str]:
     from nbtrouble._biasvar_view import format_error
 
-    notes = []
+    notes = _scale_notes(errors) if metric == "error" else []
     if not irreducible_given:
         notes.append(
             "No irreducible error given, so it is taken as 0 and avoidable bias is the whole train "
@@ -359,6 +362,7 @@ def _errors(
             errors[name] = as_error(value, name)
         else:
             _check_measurable(model, value, name)
+    _check_reused_iterators(given)
     for name, value in given.items():
         if value is not None and name not in errors:
             errors[name] = measure(model, value, metric, argument=name, progress=progress).mean
@@ -385,3 +389,82 @@ def _metric_name(metric: Any) -> str:
     if isinstance(metric, str):
         return metric
     return getattr(metric, "__name__", type(metric).__name__)
+
+
+# ---------------------------------------------------------------------------------------
+# Numbers that are not error rates
+# ---------------------------------------------------------------------------------------
+
+# Metric names of scores where higher is better: the decomposition needs errors.
+SCORE_WORDS = frozenset(
+    {"accuracy", "acc", "f1", "precision", "recall", "auc", "roc", "r2", "iou", "dice", "bleu"}
+)
+
+
+def _check_metric_name(metric: Any) -> None:
+    """Raise for a metric named after a score (accuracy, F1): the components need errors."""
+    if not isinstance(metric, str):
+        return
+    words = set(re.split(r"[^a-z0-9]+", metric.lower()))
+    if words & SCORE_WORDS and not words & {"error", "err", "loss"}:
+        raise BadInput(
+            "metric",
+            f"unknown metric {metric!r}: it sounds like a score where higher is better, and "
+            "the decomposition needs errors: pass 1 - score (e.g. 1 - accuracy) as the errors "
+            "with metric='error', or a callable that returns the error",
+        )
+
+
+def _scale_notes(errors: dict[str, float]) -> list[str]:
+    """Warnings for error rates that look like percentages or like accuracies."""
+    above = {k: v for k, v in errors.items() if v > 1}
+    fractions = {k: v for k, v in errors.items() if 0 < v < 1}
+    if above and fractions:
+        name, value = max(above.items(), key=lambda item: item[1])
+        other, small = next(iter(fractions.items()))
+        note = (
+            f"Mixed scales: {name} is {value:g}, above 1, while {other} is {small:g}; an error "
+            "rate lies between 0 and 1, so the components below mix scales and mean nothing. "
+            f"Give every error as a fraction ({value / 100:g} for {value:g}%), or, for another "
+            "metric (MSE in raw units, a loss), pass its name: metric='mse' / --metric mse."
+        )
+        return [note]
+    if above:
+        note = (
+            "Errors above 1 cannot be error rates: if they are percentages, divide them by "
+            "100; if they are another metric (MSE, a loss), pass its name (metric='mse' / "
+            "--metric mse) so that they are not shown as percentages."
+        )
+        return [note]
+    return _accuracy_notes(errors)
+
+
+def _accuracy_notes(errors: dict[str, float]) -> list[str]:
+    ordered = [errors[k] for k in ("train", "val", "test_val", "test") if k in errors]
+    falling = all(a >= b for a, b in pairwise(ordered))
+    if not (ordered[0] >= 0.5 and falling and ordered[0] > ordered[-1]):
+        return []
+    shown = ", ".join(f"{k} {errors[k]:g}" for k in ("train", "val", "test") if k in errors)
+    note = (
+        f"These look like accuracies, not errors ({shown}: high, and lower on held-out data "
+        "than on the training set). If so, pass 1 - accuracy for each; the decomposition "
+        "below reads them as errors."
+    )
+    return [note]
+
+
+def _check_reused_iterators(given: dict[str, Any]) -> None:
+    """Raise when one one-shot iterator (a generator) is passed for two splits."""
+    seen: dict[int, str] = {}
+    for name, value in given.items():
+        # An Iterator (a generator) is used up by one pass; calling iter() on a loader to
+        # find out would draw from the random number generators of a shuffling DataLoader.
+        if not isinstance(value, Iterator):
+            continue
+        if id(value) in seen:
+            raise BadInput(
+                name,
+                f"the same {type(value).__name__} is passed as {seen[id(value)]} and as {name}; "
+                "an iterator can be read only once: pass a list of batches or a DataLoader",
+            )
+        seen[id(value)] = name

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,10 @@ class Session:
             raise TypeError(
                 f"model must be a torch.nn.Module, not {type(objects['model']).__name__}"
             )
+        _check_settings(objects)
+        _check_loaders(
+            {k: v for k, v in objects.items() if k in ("train", "val", "test", "test_val")}
+        )
         self.model = objects.pop("model", self.model)
         self.batch = objects.pop("batch", self.batch)
         self.options.update(objects)
@@ -277,7 +281,10 @@ class Session:
     def export(self, path: str | Path) -> Path:
         """Write ``to_markdown()`` to ``path`` and return it."""
         path = Path(path)
-        path.write_text(self.to_markdown(), encoding="utf-8")
+        try:
+            path.write_text(self.to_markdown(), encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot write the log to {str(path)!r}: {e.strerror}") from None
         return path
 
     def _changed(self) -> None:
@@ -356,11 +363,8 @@ def troubleshoot(
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     if model is not None and batch is None:
         raise ValueError("give a batch to check the model on: (inputs, targets) or a dict")
-    if irreducible is not None:
-        _check_number("irreducible", irreducible, low=0.0)
-    _check_number("lr", lr, low=0.0, strict=True)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        raise ValueError(f"steps must be an integer of at least 2, not {steps!r}")
+    _check_settings({"irreducible": irreducible, "lr": lr, "steps": steps})
+    _check_loaders({"train": train, "val": val, "test": test, "test_val": test_val})
     for name, value in (known or {}).items():
         _check_number(f"known[{name!r}]", value, low=0.0)
     if tune is not None and not callable(tune):
@@ -378,6 +382,27 @@ def troubleshoot(
         "lr": float(lr),
     }
     return Session(model, batch, **options)
+
+
+def _check_loaders(loaders: dict[str, Any]) -> None:
+    """Raise for one-shot iterators: the checks read each loader more than once."""
+    for name, loader in loaders.items():
+        if isinstance(loader, Iterator):
+            raise TypeError(
+                f"{name} is a {type(loader).__name__}, which can be read only once, but the "
+                "checks read it several times: pass a list of batches or a DataLoader"
+            )
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Check the numbers among ``settings``: ``irreducible``, ``lr`` and ``steps``."""
+    if settings.get("irreducible") is not None:
+        _check_number("irreducible", settings["irreducible"], low=0.0)
+    if "lr" in settings:
+        _check_number("lr", settings["lr"], low=0.0, strict=True)
+    steps = settings.get("steps", 2)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise ValueError(f"steps must be an integer of at least 2, not {steps!r}")
 
 
 def _check_number(
@@ -618,27 +643,14 @@ def coarse_to_fine_lr(
 def model_error(model: nn.Module, loader: Iterable[Any]) -> tuple[float, str]:
     """The model's error on ``loader``: classification error rate, or MSE for float targets.
 
-    The model is run in eval mode without gradients; its ``training`` flags are restored.
+    Batches are read as ``nbt.biasvar`` reads them (``(inputs, targets)``, dicts with
+    ``labels``, numpy arrays); the model is run in eval mode without gradients and its
+    ``training`` flags are restored.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    wrong, total, kind = 0.0, 0, "error"
-    try:
-        model.eval()
-        with torch.no_grad():
-            for inputs, targets in loader:
-                output = model(inputs)
-                if targets.dtype.is_floating_point:
-                    kind = "mse"
-                    wrong += float(((output.reshape(targets.shape) - targets) ** 2).sum())
-                else:
-                    wrong += float((output.argmax(dim=-1) != targets).sum())
-                total += targets.numel()
-    finally:
-        for module, flag in flags:
-            module.training = flag
-    if total == 0:
-        raise ValueError("the loader yielded no batches")
-    return wrong / total, kind
+    from nbtrouble._error_analysis import measure
+
+    kind = "mse" if _all_targets(loader).is_floating_point() else "error"
+    return measure(model, loader, kind, argument="val", progress=False).mean, kind
 
 
 def _words(key: str) -> str:
@@ -658,7 +670,12 @@ def _trivial_error(train_targets: torch.Tensor, val: Iterable[Any], kind: str) -
 
 
 def _all_targets(loader: Iterable[Any]) -> torch.Tensor:
-    return torch.cat([targets.flatten() for _, targets in loader])
+    from nbtrouble._error_analysis import _split_batch
+
+    targets = [torch.as_tensor(_split_batch(b, "val", None)[2]).flatten() for b in loader]
+    if not targets:
+        raise ValueError("the loader yielded no batches (is the dataset empty?)")
+    return torch.cat(targets)
 
 
 def _inputs(batch: Any) -> list[torch.Tensor]:
