@@ -13,6 +13,7 @@ the ``raises-exception`` tag stops the run with the cell's error and a non-zero 
 from __future__ import annotations
 
 import argparse
+import copy
 import html
 import shutil
 import sys
@@ -60,7 +61,13 @@ def execute(
 
 
 def write_html(notebook: nbformat.NotebookNode, destination: Path) -> Path:
-    """Render ``notebook`` (outputs and widget state) to ``destination``."""
+    """Render ``notebook`` to ``destination``, readable offline.
+
+    With the widget state saved, nbconvert renders only the live widgets, whose JavaScript comes
+    from a CDN; without it, each panel falls back to the HTML report it carries beside the widget.
+    """
+    notebook = copy.deepcopy(notebook)
+    notebook.metadata.pop("widgets", None)
     body, _ = HTMLExporter().from_notebook_node(notebook)
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text(body, encoding="utf-8")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 from kernel_utils import (
@@ -62,17 +64,21 @@ def test_panel_widgets_hold_failure_first_and_modules_collapsed(notebook):
     assert any(title.startswith("features.3 · Conv2d") for title in accordion["titles"])
 
 
-def test_html_export_without_widget_state_shows_the_report(notebook):
-    from nbconvert import HTMLExporter
+def test_walkthrough_html_shows_the_report_offline(notebook, tmp_path):
+    """The README's main job writes HTML that shows the panel without the widgets' JavaScript."""
+    spec = importlib.util.spec_from_file_location(
+        "run_walkthrough", Path(__file__).parents[1] / "scripts" / "run_walkthrough.py"
+    )
+    run_walkthrough = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_walkthrough)
 
-    saved_without_state = notebook.copy()
-    saved_without_state.metadata = {k: v for k, v in notebook.metadata.items() if k != "widgets"}
-    body, _ = HTMLExporter().from_notebook_node(saved_without_state)
+    body = run_walkthrough.write_html(notebook, tmp_path / "nb.html").read_text()
     assert "FAILED shape_mismatch in fc1 (Linear)" in body
     assert re.search(
         r"<details open(=\"\")?><summary>✗ fc1 · Linear", body
     )  # opened on the failure
     assert "(2, 2704) float32 meta" in body
+    assert "widgets" in notebook.metadata  # the executed notebook itself keeps its widget state
 
 
 def test_debugger_over_stdin_opens_at_forward_and_goes_up_to_cell():
