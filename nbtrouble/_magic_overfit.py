@@ -42,7 +42,7 @@ class OverfitMagics(Magics):
 
         args = self.overfit_batch.parser.parse_args(split_expressions(line))
         kwargs = self._resolve(args)
-        observer, shown = self._observer()
+        observer, handle = self._observer()
         try:
             report = overfit_batch(**kwargs, steps=args.steps, keep=args.keep, observer=observer)
         except NbTroubleError as e:
@@ -50,8 +50,12 @@ class OverfitMagics(Magics):
         self.shell.user_ns[REPORT_NAME] = report
         if args.name is not None:
             self.shell.user_ns[args.name] = report
-        if not shown:
+        if handle is None:
             print(repr(report))
+        else:  # the live panel's output also carries the final report, for HTML exports
+            from nbtrouble._display import panel_bundle
+
+            handle.update(panel_bundle(observer.widget, report), raw=True)
 
     def _resolve(self, args: Any) -> dict[str, Any]:
         if args.steps < 1:
@@ -76,19 +80,19 @@ class OverfitMagics(Magics):
             kwargs["lr"] = args.lr
         return kwargs
 
-    def _observer(self) -> tuple[Any, bool]:
-        """A live panel in a notebook (shown now), else a tqdm bar; and whether it shows the report."""
+    def _observer(self) -> tuple[Any, Any]:
+        """A live panel in a notebook (shown now) and its display handle, else a tqdm bar."""
         from nbtrouble._display import in_widget_frontend
         from nbtrouble._overfit_view import OverfitPanel, TextProgress, route_clicks_concurrently
 
         if not in_widget_frontend():
-            return TextProgress(), False
+            return TextProgress(), None
         from IPython.display import display
 
         panel = OverfitPanel()
-        display(panel.widget)
+        handle = display(panel.widget, display_id=True)
         route_clicks_concurrently(panel.stop_button)
-        return panel, True
+        return panel, handle
 
 
 _CLOSING = {"(": ")", "[": "]", "{": "}"}

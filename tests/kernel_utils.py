@@ -124,7 +124,6 @@ def kernel_env() -> Iterator[None]:
                 os.environ[name] = value
 
 
-_kernel_env = kernel_env  # the name tests/test_overfit_kernel.py imports
 
 
 @contextmanager
